@@ -69,6 +69,10 @@ class SyntheticConfig:
       detail: stripe period of zoom-needed cards in units of the downscale factor (< 1: averaged away).
       distractors: range of distractor cards in attribute scenes.
       max_gap: largest gap (px) between the two cards of a zoom-needed relative item.
+      layout: "free" (cards anywhere, the sizes above) or "tiles": the image is a `tiles` (columns,
+        rows) lattice; each card fills `tile_fill` of its tile's shorter side, and each tile has its own
+        flat dark background tint (see `tile_tint`). Relative items are then always zoom-free (two cards
+        in one crop would not be resolved), and the tool's natural coarse box is a tile.
     """
 
     height: int = 1008
@@ -83,8 +87,18 @@ class SyntheticConfig:
     detail: float = 0.8
     distractors: tuple[int, int] = (2, 4)
     max_gap: int = 48
+    layout: str = "free"
+    tiles: tuple[int, int] = (4, 3)
+    tile_fill: tuple[float, float] = (0.8, 0.9)
 
     def __post_init__(self):
+        if self.layout not in ("free", "tiles"):
+            raise ValueError(f"layout={self.layout!r}; choose 'free' or 'tiles'")
+        if self.layout == "tiles" and (self.width % self.tiles[0] or self.height % self.tiles[1]):
+            raise ValueError(f"{self.width}x{self.height} does not split into {self.tiles} tiles; use a "
+                             "size divisible by the tile counts")
+        if self.layout == "tiles" and self.distractors[1] + 1 > self.tiles[0] * self.tiles[1]:
+            raise ValueError(f"distractors={self.distractors}: more cards than the {self.tiles} tiles")
         if self.small_card[0] < ZOOM_MIN_SIDE or self.small_card[0] > self.small_card[1]:
             raise ValueError(f"small_card={self.small_card}: need {ZOOM_MIN_SIDE} <= low <= high")
         if not 0 < self.detail < 1:
@@ -109,6 +123,28 @@ class SyntheticConfig:
     def fine_stripe(self) -> int:
         """Stripe width (px) of zoom-needed cards: half the period `detail * downscale`."""
         return max(1, int(self.detail * self.downscale / 2))
+
+
+    def tile_box(self, index: int) -> tuple[int, int, int, int]:
+        """Tile `index` (row-major) as [x, y, w, h] in original pixels (layout="tiles")."""
+        cols, rows = self.tiles
+        tw, th = self.width // cols, self.height // rows
+        return (index % cols) * tw, (index // cols) * th, tw, th
+
+
+def tile_tint(index: int, tiles: tuple[int, int]) -> RGB:
+    """The flat background of tile `index`: hue by column, brightness by row (all dark and muted).
+
+    The tint is a location code the full view keeps: it stands in for the sense of absolute position
+    a pretrained vision tower has (Qwen2.5-VL's tower has only relative, rotary positions, and a tiny
+    random one would otherwise have to learn image coordinates from the borders alone).
+    """
+    cols, rows = tiles
+    col, row = index % cols, index // cols
+    hue = col / cols
+    base = np.array([np.cos(2 * np.pi * (hue - k / 3)) for k in range(3)]) * 0.5 + 0.5  # [0, 1]
+    level = 0.35 + 0.65 * (row + 1) / rows
+    return tuple(int(v) for v in np.rint(20 + 70 * level * (0.4 + 0.6 * base)))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -194,6 +230,8 @@ def make_item(index: int, seed: int, cfg: SyntheticConfig) -> tuple[str, np.ndar
     rng = np.random.default_rng([seed, index])
     zoom_needed = bool(rng.random() < cfg.zoom_needed_frac)
     relative = bool(rng.random() < cfg.relative_frac)
+    if cfg.layout == "tiles":
+        return _tiles_item(rng, cfg, zoom_needed and not relative, relative)
     img = _background(rng, cfg.height, cfg.width)
     pairs = list(PAIRS)
     if relative:
@@ -232,6 +270,70 @@ def make_item(index: int, seed: int, cfg: SyntheticConfig) -> tuple[str, np.ndar
         "options": options, "zoom_needed": zoom_needed,
         "synthetic": {"cards": drawn, "targets": targets, "answer": options[0], "max_pixels": cfg.max_pixels,
                       "resized_hw": list(cfg.resized_hw)}}
+    return folder, img, annotation
+
+
+def _tile_card(rng: np.random.Generator, cfg: SyntheticConfig, tile: int, frame: str, stripes: str,
+               small: bool) -> Card:
+    """A card filling `tile_fill` of tile `tile`, jittered inside it; fine stripes when `small`."""
+    tx, ty, tw, th = cfg.tile_box(tile)
+    side = int(rng.uniform(*cfg.tile_fill) * min(tw, th))
+    x = tx + int(rng.integers(0, tw - side + 1))
+    y = ty + int(rng.integers(0, th - side + 1))
+    return _card(rng, cfg, (x, y, side, side), frame, stripes, small)
+
+
+def _tiles_item(rng: np.random.Generator, cfg: SyntheticConfig, zoom_needed: bool,
+                relative: bool) -> tuple[str, np.ndarray, dict[str, Any]]:
+    """make_item for layout="tiles" (see SyntheticConfig)."""
+    cols, rows = cfg.tiles
+    img = np.zeros((cfg.height, cfg.width, 3), np.uint8)
+    for t in range(cols * rows):
+        x, y, w, h = cfg.tile_box(t)
+        img[y:y + h, x:x + w] = tile_tint(t, cfg.tiles)
+    pairs = list(PAIRS)
+    if relative:
+        p1, p2 = (pairs[i] for i in rng.permutation(len(pairs))[:2])
+        horizontal = bool(rng.integers(2))
+        if horizontal:
+            r = int(rng.integers(rows))
+            c1, c2 = sorted(int(c) for c in rng.choice(cols, 2, replace=False))
+            tiles = [r * cols + c1, r * cols + c2]
+        else:
+            c = int(rng.integers(cols))
+            r1, r2 = sorted(int(r) for r in rng.choice(rows, 2, replace=False))
+            tiles = [r1 * cols + c, r2 * cols + c]
+        first = bool(rng.integers(2))  # whether the card named first is the left / upper one
+        named = tiles if first else tiles[::-1]
+        cards = [_tile_card(rng, cfg, named[0], "white", p1, False),
+                 _tile_card(rng, cfg, named[1], "white", p2, False)]
+        how = "on the left or right side of" if horizontal else "above or below"
+        sides = ("on the left side of", "on the right side of") if horizontal else ("above", "below")
+        options = [f"The card with {p1} stripes is {s} the card with {p2} stripes." for s in sides]
+        options = options if first else options[::-1]
+        question = f"Is the card with {p1} stripes {how} the card with {p2} stripes?"
+        targets, folder, names = [0, 1], "relative_position", [f"card with {p} stripes" for p in (p1, p2)]
+        card_tiles = named
+    else:
+        frames = [list(FRAMES)[i] for i in rng.permutation(len(FRAMES))]
+        k = 1 + int(rng.integers(cfg.distractors[0], cfg.distractors[1] + 1))
+        card_tiles = [int(t) for t in rng.permutation(cols * rows)[:k]]
+        cards = [_tile_card(rng, cfg, t, frames[i], pairs[int(rng.integers(len(pairs)))],
+                            zoom_needed if i == 0 else bool(rng.random() < 0.7))
+                 for i, t in enumerate(card_tiles)]
+        answer = cards[0].stripes
+        options = [answer] + [pairs[i] for i in rng.permutation(len(pairs)) if pairs[i] != answer]
+        question = f"Which two colors make up the stripes on the card with the {frames[0]} frame?"
+        targets, folder, names = [0], "direct_attributes", [f"card with the {frames[0]} frame"]
+    for card in cards:
+        card.draw(img)
+    drawn = [{**dataclasses.asdict(c), "interior": list(c.interior), "tile": t}
+             for c, t in zip(cards, card_tiles, strict=True)]
+    annotation = {
+        "target_object": names, "bbox": [list(cards[t].box) for t in targets], "question": question,
+        "options": options, "zoom_needed": zoom_needed,
+        "synthetic": {"cards": drawn, "targets": targets, "answer": options[0], "max_pixels": cfg.max_pixels,
+                      "resized_hw": list(cfg.resized_hw), "layout": "tiles", "tiles": list(cfg.tiles)}}
     return folder, img, annotation
 
 

@@ -5,8 +5,11 @@ attention per window (`cu_window_seqlens`) or per image (`cu_seqlens`). Here the
 all images out in a padded window layout: every window owns `units^2` merge-unit slots (16 for 112 px
 windows, i.e. 64 patches), empty slots are padding. Window layers then attend inside fixed [W, 64]
 blocks (block-diagonal, exact, linear in the number of windows); full-attention layers attend within each
-image through an image-id mask. Images never see each other, and padding is never attended to. The
-number of windows can be padded to a bucket so that one compiled program serves many image sizes.
+image through image ids: each window attends to the `image_windows` windows (the largest image's count)
+from the start of its image (`image_attention`), so a batch of many images costs what its largest image
+costs per window, not the square of the whole sequence. Images never see each other, and padding is
+never attended to. The number of windows can be padded to a bucket so that one compiled program serves
+many image sizes.
 
 Letters: L padded patch sequence, W windows, P patches per window, U merge units, N heads, H head dim,
 D vision width, E text width.
@@ -35,6 +38,8 @@ class VisionInputs:
       image_ids: [L] int32 index of the image each patch belongs to; -1 for padding.
       token_index: [M] int32 for each output token (images in order, row-major merged grid), the merge
         unit in the padded layout (= patch position // 4) that produces it.
+      image_windows: static; at least the number of windows of the largest image (None: unknown, full
+        attention then spans the whole sequence under an image-id mask).
     """
 
     patches: jax.Array
@@ -42,6 +47,7 @@ class VisionInputs:
     cols: jax.Array
     image_ids: jax.Array
     token_index: jax.Array
+    image_windows: int | None = struct.field(pytree_node=False, default=None)
 
     @property
     def num_tokens(self) -> int:
@@ -109,11 +115,27 @@ def window_layout(grid_thw: np.ndarray, cfg: VisionConfig, num_windows: int | No
                 token_index=token_index.astype(np.int32))
 
 
+def image_windows(grid_thw: np.ndarray, cfg: VisionConfig) -> int:
+    """Windows of the largest image in the padded layout (0 for no images)."""
+    grid = np.asarray(grid_thw, np.int64).reshape(-1, 3)
+    units = cfg.spatial_merge_size * cfg.window_merge_units
+    return int((-(-grid[:, 1] // units) * -(-grid[:, 2] // units)).max(initial=0))
+
+
 def make_vision_inputs(pixel_values: np.ndarray, grid_thw: np.ndarray, cfg: VisionConfig,
-                       num_windows: int | None = None, num_tokens: int | None = None) -> VisionInputs:
-    """Builds `VisionInputs` from the image processor's concatenated `pixel_values` [sum(t*h*w), 1176]."""
+                       num_windows: int | None = None, num_tokens: int | None = None,
+                       max_image_windows: int | None = None) -> VisionInputs:
+    """Builds `VisionInputs` from the image processor's concatenated `pixel_values` [sum(t*h*w), 1176].
+
+    `max_image_windows` (static, default: exactly the largest image's) may be raised to a bucket so that
+    image sets with different largest images share one compiled program.
+    """
     pixel_values = np.asarray(pixel_values)
     grid_thw = np.asarray(grid_thw).reshape(-1, 3)
+    need = image_windows(grid_thw, cfg)
+    if max_image_windows is not None and max_image_windows < need:
+        raise ValueError(f"max_image_windows={max_image_windows} is below the {need} windows of the "
+                         "largest image")
     expected = int(np.prod(grid_thw, axis=1).sum())
     if pixel_values.shape != (expected, cfg.patch_dim):
         raise ValueError(f"pixel_values has shape {pixel_values.shape} but grid_thw "
@@ -122,7 +144,44 @@ def make_vision_inputs(pixel_values: np.ndarray, grid_thw: np.ndarray, cfg: Visi
     src = lay["src"]
     patches = np.where((src >= 0)[:, None], pixel_values[np.maximum(src, 0)], 0).astype(np.float32)
     return VisionInputs(patches=patches, rows=lay["rows"], cols=lay["cols"],
-                        image_ids=lay["image_ids"], token_index=lay["token_index"])
+                        image_ids=lay["image_ids"], token_index=lay["token_index"],
+                        image_windows=max(max_image_windows or need, 1))
+
+
+def image_attention(q: jax.Array, k: jax.Array, v: jax.Array, image_ids: jax.Array, window: int,
+                    max_windows: int | None) -> jax.Array:
+    """Exact attention of every patch to the real patches of its own image.
+
+    Every window belongs to one image and each image's windows are contiguous, so the keys of a window's
+    queries lie in the `max_windows` windows (the largest image's count) starting at the first window of
+    its image: each window attends to that span under an image-id mask, W x P x (max_windows x P)
+    scores in all instead of L x L. When the span is over half the sequence (one image, or a few
+    similar ones), one dense [L, L] image-id mask costs less.
+
+    Args:
+      q, k, v: [L, N, H] with L a multiple of `window`.
+      image_ids: [L] image of each patch, -1 for padding (never attended to).
+      window: patches per window (P).
+      max_windows: at least the largest image's window count (None: unknown, dense).
+    Returns:
+      [L, N, H].
+    """
+    w = q.shape[0] // window
+    span = w if max_windows is None else min(max_windows, w)
+    if 2 * span > w:
+        mask = (image_ids[:, None] == image_ids[None, :]) & (image_ids >= 0)[None, :]  # [L, L]
+        return layers.attention(q[None], k[None], v[None], mask[None])[0]
+    windows = lambda a: a.reshape(w, window, *a.shape[1:])  # [W, P, ...]
+    win_img = windows(image_ids).max(axis=1)  # [W]; every real window holds a real patch
+    idx = jnp.arange(w)
+    first = jnp.concatenate([jnp.ones((1,), bool), win_img[1:] != win_img[:-1]])
+    start = jax.lax.cummax(jnp.where(first, idx, 0))  # [W] first window of each window's image
+    # dynamic_slice clamps a start past W - span down, which still covers the image.
+    take = lambda a: jax.vmap(lambda s0: jax.lax.dynamic_slice_in_dim(windows(a), s0, span))(start).reshape(
+        w, span * window, *a.shape[1:])  # [W, span x P, ...]
+    k_ids = take(image_ids)
+    mask = (windows(image_ids)[:, :, None] == k_ids[:, None, :]) & (k_ids >= 0)[:, None, :]  # [W, P, S]
+    return layers.attention(windows(q), take(k), take(v), mask).reshape(q.shape)
 
 
 class VisionAttention(nnx.Module):
@@ -133,18 +192,18 @@ class VisionAttention(nnx.Module):
         self.proj = layers.Dense((n, h), (d,), ("heads", "head_dim"), ("embed",), bias=True,
                                  dtype=dtype, rngs=rngs)
 
-    def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.Array,
-                 window: int | None) -> jax.Array:
-        """x [L, D]; window=None attends under `mask` [L, L], else inside blocks of `window` patches
-        with `mask` [L] marking real (non-padding) keys."""
+    def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, image_ids: jax.Array, window: int,
+                 full: bool, image_windows: int | None) -> jax.Array:
+        """x [L, D]; image_ids [L] (-1 padding). Full attention attends within each image (see
+        `image_attention`), window attention inside blocks of `window` patches."""
         qkv = self.qkv(x)  # [L, 3, N, H]
         q, k, v = qkv[:, 0], qkv[:, 1], qkv[:, 2]
         q, k = layers.apply_rotary(q, cos, sin), layers.apply_rotary(k, cos, sin)
-        if window is None:
-            out = layers.attention(q[None], k[None], v[None], mask[None])[0]
+        if full:
+            out = image_attention(q, k, v, image_ids, window, image_windows)
         else:
             blocks = lambda a: a.reshape(-1, window, *a.shape[1:])  # [W, P, ...]
-            key_ok = blocks(mask)[:, None, :]  # [W, 1, P]
+            key_ok = blocks(image_ids >= 0)[:, None, :]  # [W, 1, P]
             out = layers.attention(blocks(q), blocks(k), blocks(v), key_ok).reshape(q.shape)
         return self.proj(out)
 
@@ -157,8 +216,8 @@ class VisionBlock(nnx.Module):
         self.mlp = layers.GatedMLP(cfg.hidden_size, cfg.intermediate_size, cfg.hidden_act, bias=True,
                                    dtype=dtype, rngs=rngs)
 
-    def __call__(self, x, cos, sin, mask, window):
-        x = x + self.attn(self.norm1(x), cos, sin, mask, window)
+    def __call__(self, x, cos, sin, image_ids, window, full, image_windows):
+        x = x + self.attn(self.norm1(x), cos, sin, image_ids, window, full, image_windows)
         return x + self.mlp(self.norm2(x))
 
 
@@ -204,10 +263,9 @@ class VisionTower(nnx.Module):
         window = cfg.window_merge_units**2 * cfg.merge_unit
         x = self.patch_embed(inputs.patches.astype(self.dtype))  # [L, D]
         cos, sin = self.rotary(inputs.rows, inputs.cols)
-        real = inputs.image_ids >= 0  # [L]
-        same_image = (inputs.image_ids[:, None] == inputs.image_ids[None, :]) & real[None, :]  # [L, L]
-        full = lambda blk, x: blk(x, cos, sin, same_image, None)
-        windowed = lambda blk, x: blk(x, cos, sin, real, window)
+        ids, n = inputs.image_ids, inputs.image_windows
+        full = lambda blk, x: blk(x, cos, sin, ids, window, True, n)
+        windowed = lambda blk, x: blk(x, cos, sin, ids, window, False, n)
         if remat:
             full, windowed = nnx.remat(full), nnx.remat(windowed)
         for i, block in enumerate(self.blocks):

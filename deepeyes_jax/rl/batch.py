@@ -13,6 +13,7 @@ from collections.abc import Sequence
 import numpy as np
 from flax import struct
 
+from deepeyes_jax.model import vision as vision_lib
 from deepeyes_jax.model.config import VisionConfig
 from deepeyes_jax.model.vision import VisionInputs, make_vision_inputs, window_layout
 from deepeyes_jax.sampling.rollout import Trajectory
@@ -62,9 +63,12 @@ def pack(trajs: Sequence[Trajectory], advantages: np.ndarray, vision_cfg: Vision
     t = _pow2(max(len(tr.input_ids) for tr in trajs), min_length)
     window = vision_cfg.window_merge_units**2 * vision_cfg.merge_unit
     groups = [trajs[m * b:(m + 1) * b] for m in range(micro_batches)]
-    need = max(len(window_layout(np.concatenate([tr.image_grid_thw for tr in g]), vision_cfg)["src"])
-               // window for g in groups)
+    grids = [np.concatenate([tr.image_grid_thw for tr in g]) for g in groups]
+    need = max(len(window_layout(grid, vision_cfg)["src"]) // window for grid in grids)
     windows = _pow2(need, min_windows)
+    # Full-attention vision layers attend per image in blocks of the largest image's windows (a static
+    # field, bucketed to a power of two: a new bucket means a new program, see `rl/trainer.py`).
+    image_windows = _pow2(max(vision_lib.image_windows(grid, vision_cfg) for grid in grids), 1)
 
     ids = np.zeros((micro_batches, b, t), np.int32)
     mask = np.zeros_like(ids)
@@ -72,7 +76,7 @@ def pack(trajs: Sequence[Trajectory], advantages: np.ndarray, vision_cfg: Vision
     loss_mask = np.zeros_like(ids)
     logp = np.zeros((micro_batches, b, t), np.float32)
     visions = []
-    for m, g in enumerate(groups):
+    for m, (g, grid) in enumerate(zip(groups, grids, strict=True)):
         for r, tr in enumerate(g):
             n, p = len(tr.input_ids), len(tr.prompt_ids)
             ids[m, r, :n] = tr.input_ids
@@ -80,12 +84,13 @@ def pack(trajs: Sequence[Trajectory], advantages: np.ndarray, vision_cfg: Vision
             pos[m, :, r, :n] = tr.positions
             loss_mask[m, r, p:n] = tr.action_mask
             logp[m, r, p:n] = np.where(tr.action_mask > 0, tr.logprobs, 0.0)
-        grid = np.concatenate([tr.image_grid_thw for tr in g])
         pixels = np.concatenate([tr.pixel_values for tr in g])
         visions.append(make_vision_inputs(pixels, grid, vision_cfg, num_windows=windows,
-                                          num_tokens=windows * vision_cfg.window_merge_units**2))
+                                          num_tokens=windows * vision_cfg.window_merge_units**2,
+                                          max_image_windows=image_windows))
     vision = VisionInputs(**{k: np.stack([getattr(v, k) for v in visions])
-                             for k in ("patches", "rows", "cols", "image_ids", "token_index")})
+                             for k in ("patches", "rows", "cols", "image_ids", "token_index")},
+                          image_windows=image_windows)
     return TrainBatch(input_ids=ids, attention_mask=mask, positions=pos, loss_mask=loss_mask,
                       sampler_logprobs=logp, old_logprobs=logp.copy(),
                       advantages=np.asarray(advantages, np.float32).reshape(micro_batches, b),

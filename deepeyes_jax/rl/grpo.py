@@ -80,7 +80,17 @@ def ppo_clip_loss(logp: jax.Array, old_logp: jax.Array, adv: jax.Array, *, clip_
     return loss, stats
 
 
-POLICY_LOSSES = {"ppo_clip": ppo_clip_loss}
+def weighted_nll_loss(logp: jax.Array, old_logp: jax.Array, adv: jax.Array, *, clip_low: float,
+                      clip_high: float, dual_clip: float | None) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """Per-token `-adv * logp`: advantage-weighted likelihood (REINFORCE); with advantage 1 it is the
+    negative log-likelihood of supervised training (Mini-V*'s format stage). Ignores old_logp and clips.
+    """
+    del old_logp, clip_low, clip_high, dual_clip
+    zeros = jnp.zeros_like(logp)
+    return -adv * logp, {"clipped": zeros, "dual_clipped": zeros, "ratio": jnp.ones_like(logp)}
+
+
+POLICY_LOSSES = {"ppo_clip": ppo_clip_loss, "weighted_nll": weighted_nll_loss}
 
 
 def low_var_kl(logp: jax.Array, ref_logp: jax.Array) -> jax.Array:

@@ -15,7 +15,7 @@ slash-separated names, ready for `MetricsWriter.write`:
 | `tools/calls_{mean,max,min}` | tool calls per trajectory (successful and failed) |
 | `tools/ok_mean`, `tools/failed_mean` | successful / failed calls per trajectory |
 | `tools/failed_frac` | failed calls / all calls (0 when there are no calls) |
-| `tools/zoom_rate` | fraction of trajectories with at least one successful zoom |
+| `tools/zoom_rate`, `tools/zoom_rate/<source>` | fraction of trajectories with at least one successful zoom |
 | `response/len_{mean,max,min}` | policy tokens per trajectory (action-mask sum; no observations) |
 | `response/total_len_mean`, `response/turns_mean` | all response tokens incl. observations; turns |
 | `iou/first`, `iou/mean`, `iou/max` | grounding IoU of successful zooms against `gt_boxes` (below) |
@@ -217,6 +217,10 @@ def rollout_metrics(trajs: Sequence[Trajectory], records: Sequence[Mapping[str, 
     out["rollout/groups"] = float(len(trajs) // group_size)
     out.update(reward_metrics(recs, rewards))
     out.update(tool_metrics(trajs))
+    sources = np.array([str(r["data_source"]) for r in recs])
+    zoomed = np.array([any(is_successful_zoom(c) for c in t.tool_calls) for t in trajs])
+    for src in sorted(set(sources)):
+        out[f"tools/zoom_rate/{src}"] = float(zoomed[sources == src].mean())
     out.update(response_metrics(trajs))
     out.update(grounding_metrics(trajs, recs))
     out.update(stop_metrics(trajs))

@@ -46,7 +46,7 @@ PANELS = (
     Panel("Response length", "policy tokens", ("response/len_mean",)),
     Panel("Grounding IoU", "IoU", ("iou/mean", "iou/first", "iou/max")),
     Panel("Reward", "reward", ("reward/mean",)),
-    Panel("Zoom rate", "fraction of trajectories", ("tools/zoom_rate",)),
+    Panel("Zoom rate", "fraction of trajectories", ("tools/zoom_rate", "tools/zoom_rate/*")),
 )
 
 

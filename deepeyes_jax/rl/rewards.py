@@ -170,6 +170,7 @@ class AnswerTagReward:
     """V*/chart rules: `<answer>` tags, format checks, the conditional tool bonus."""
 
     default_judge: str = "llm"
+    tool_term: bool = True
 
     def parse(self, record: Mapping[str, Any], text: str, config: RewardConfig) -> ParsedResponse:
         errors = []
@@ -188,7 +189,9 @@ class AnswerTagReward:
     def terms(self, accuracy: float, format_error: bool, num_crops: int,
               config: RewardConfig) -> dict[str, float]:
         tool = 0.0
-        if config.tool_reward == "conditional" and accuracy > 0.5 and num_crops >= 1:
+        if not self.tool_term:
+            pass
+        elif config.tool_reward == "conditional" and accuracy > 0.5 and num_crops >= 1:
             tool = config.tool_weight
         elif config.tool_reward == "unconditional" and num_crops >= 1:
             tool = config.unconditional_tool_weight
@@ -248,6 +251,9 @@ register_reward("vstar", AnswerTagReward("llm"))
 register_reward("chart", AnswerTagReward("llm"))
 register_reward("hrbench", AnswerTagReward("choice"))
 register_reward("thinklite_eureka", BoxedMathReward("math+llm"))
+# Mini-V*'s zoom-free items: the answer-tag rules without a tool term, as DeepEyes' non-V* share of the
+# mixture (ThinkLite) has none; see deepeyes_jax/minivstar/tasks.py.
+register_reward("minivstar_free", AnswerTagReward("choice", tool_term=False))
 
 
 def _source(record: Mapping[str, Any]) -> str:

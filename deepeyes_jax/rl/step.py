@@ -216,8 +216,15 @@ def compile_steps(graphdef: nnx.GraphDef, state: nnx.State, batch: TrainBatch, m
     st_sh = sharding.state_shardings(state, mesh, rules)
     b_sh = batch_shardings(batch, mesh, rules)
     ref_sh = b_sh.old_logprobs if with_ref else None
-    update = jax.jit(lambda s, b, r: train_step(graphdef, s, b, r, cfg),
-                     in_shardings=(st_sh, b_sh, ref_sh), out_shardings=(st_sh, None), donate_argnums=(0,))
-    logprobs = jax.jit(lambda s, b: logprobs_step(graphdef, s, b), in_shardings=(st_sh, b_sh),
-                       out_shardings=b_sh.old_logprobs)
+
+    # Named functions, not lambdas: compilation logs and counters report `jit(update)`, `jit(logprobs)`.
+    def update(s, b, r):
+        return train_step(graphdef, s, b, r, cfg)
+
+    def logprobs(s, b):
+        return logprobs_step(graphdef, s, b)
+
+    update = jax.jit(update, in_shardings=(st_sh, b_sh, ref_sh), out_shardings=(st_sh, None),
+                     donate_argnums=(0,))
+    logprobs = jax.jit(logprobs, in_shardings=(st_sh, b_sh), out_shardings=b_sh.old_logprobs)
     return CompiledSteps(update=update, logprobs=logprobs, state_shardings=st_sh, batch_shardings=b_sh)

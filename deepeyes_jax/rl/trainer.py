@@ -34,7 +34,7 @@ def rollout_config(c: ml_collections.ConfigDict) -> RolloutConfig:
     return RolloutConfig(max_turns=c.max_turns, max_turn_tokens=c.max_turn_tokens,
                          max_response_tokens=c.max_response_tokens, max_prompt_tokens=c.max_prompt_tokens,
                          pause_at_tool_call=c.pause_at_tool_call, tools=tuple(c.tools),
-                         box_frame=c.box_frame)
+                         box_frame=c.box_frame, system_prompt=c.get("system_prompt") or None)
 
 
 def update_config(c: ml_collections.ConfigDict) -> step_lib.UpdateConfig:
@@ -61,7 +61,8 @@ def reward_setup(c: ml_collections.ConfigDict, workdir: str):
 
 def make_data(c: ml_collections.ConfigDict, seed: int):
     """The prompt-group iterator (`next` -> G records; `get_state`/`set_state`) over the Grain pipeline:
-    prepared ArrayRecord directories, or the in-repo toy set (`source=toy`)."""
+    prepared ArrayRecord directories, the in-repo toy set (`source=toy`) or Mini-V*'s synthetic items
+    (`source=minivstar`)."""
     import grain
 
     from deepeyes_jax.data import pipeline, toy
@@ -70,6 +71,11 @@ def make_data(c: ml_collections.ConfigDict, seed: int):
         h, w = c.toy_image_size
         sources = [pipeline.Source(toy.toy_records(c.toy_records, seed=seed, height=h, width=w,
                                                    data_source="vstar"), name="toy")]
+    elif c.source == "minivstar":  # Mini-V*'s synthetic training items (minivstar/tasks.py)
+        from deepeyes_jax.minivstar import tasks
+
+        sources = [pipeline.Source([t.record for t in tasks.make_tasks(c.minivstar_items, c.minivstar_seed)],
+                                   name="minivstar")]
     else:
         paths = [p for p in c.paths.split(",") if p]
         if not paths:
@@ -140,7 +146,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
     sampler = Sampler(pre.model, pre.tokenizer, pre.image_processor, rollout_config(config.rollout))
     method = Sample(temperature=config.rollout.temperature, top_p=config.rollout.top_p)
     base_rng = jax.random.key(config.seed)
-    compiled = None
+    programs: dict[int | None, step_lib.CompiledSteps] = {}  # by the batch's static vision block size
     last: dict[str, float] = {}
 
     try:
@@ -170,9 +176,11 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
 
             # pack, old log-probs, update
             batch = batch_lib.pack(trajs, adv, pre.config.vision, config.optim.micro_batches)
-            if compiled is None:
-                compiled = step_lib.compile_steps(graphdef, state, batch, mesh, rules, ucfg,
-                                                  with_ref=ref_state is not None)
+            key = batch.vision.image_windows
+            if key not in programs:
+                programs[key] = step_lib.compile_steps(graphdef, state, batch, mesh, rules, ucfg,
+                                                       with_ref=ref_state is not None)
+            compiled = programs[key]
             dev_batch = jax.tree.map(lambda x, s: sharding.place(np.asarray(x), s), batch,
                                      compiled.batch_shardings)
             if config.optim.old_logprobs == "recompute":

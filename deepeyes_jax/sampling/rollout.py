@@ -21,7 +21,7 @@ from PIL import Image
 from deepeyes_jax import prompts
 from deepeyes_jax.model import rope
 from deepeyes_jax.model.qwen2_5_vl import Qwen25VL
-from deepeyes_jax.model.vision import make_vision_inputs, window_layout
+from deepeyes_jax.model.vision import image_windows, make_vision_inputs, window_layout
 from deepeyes_jax.processing.chat import Tokenizer
 from deepeyes_jax.processing.image import ImageProcessor, ProcessedImage
 from deepeyes_jax.sampling import engine
@@ -46,6 +46,8 @@ class RolloutConfig:
       prompt_bucket, chunk_bucket, window_bucket: smallest padded sizes; shapes grow in powers of two
         from there so that few programs are compiled.
       max_forced_tokens: room for teacher-forced tokens per turn.
+      system_prompt: the system prompt when tools are on; None (default) is the reference's
+        byte-exact V2 prompt for the enabled tools. Mini-V* sets a short one to keep CPU sequences short.
       banned_tokens: never sampled. The vision placeholders: a sampled `<|image_pad|>` would have
         no image features (verl's "image features and image tokens do not match"); `<|im_start|>`:
         the reference's V2 bans it against repeated-turn degeneration. Teacher-forced text is not
@@ -63,6 +65,7 @@ class RolloutConfig:
     chunk_bucket: int = 64
     window_bucket: int = 4
     max_forced_tokens: int = 256
+    system_prompt: str | None = None
     banned_tokens: tuple[str, ...] = ("<|image_pad|>", "<|video_pad|>", "<|vision_pad|>", "<|im_start|>")
 
     def __post_init__(self):
@@ -174,7 +177,8 @@ class Sampler:
         self.limits = engine.Limits(im_end=s.im_end, tool_call_end=s.tool_call_end,
                                     pause_at_tool_call=config.pause_at_tool_call,
                                     banned=tuple(tokenizer.token_to_id(t) for t in config.banned_tokens))
-        self.system_prompt = registry.system_prompt(config.tools) if config.tools else None
+        self.system_prompt = ((config.system_prompt or registry.system_prompt(config.tools))
+                              if config.tools else None)
         self.prefill_tokens = 0  # real prompt tokens prefilled so far (counts shared prefill once)
 
     # -------------------------------------------------------------------------------- prompts
@@ -199,8 +203,10 @@ class Sampler:
         window = cfg.window_merge_units**2 * cfg.merge_unit
         need = len(window_layout(grid, cfg)["src"]) // window
         windows = _pow2_bucket(need, self.config.window_bucket)
+        largest = min(_pow2_bucket(image_windows(grid, cfg), self.config.window_bucket), windows)
         vis = make_vision_inputs(np.concatenate([im.pixel_values for im in images]), grid, cfg,
-                                 num_windows=windows, num_tokens=windows * cfg.window_merge_units**2)
+                                 num_windows=windows, num_tokens=windows * cfg.window_merge_units**2,
+                                 max_image_windows=largest)
         hw = np.asarray(rope.image_grid_hw(grid, merge))
         hw = np.concatenate([hw, np.ones((_pow2_bucket(len(hw), 1) - len(hw), 2), np.int32)])
         return vis, hw

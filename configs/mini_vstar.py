@@ -1,0 +1,101 @@
+"""Mini-V*: DeepEyes' training dynamics at CPU size (the README's first command).
+
+  .venv/bin/python launch/mini_vstar.py --config=configs/mini_vstar.py --workdir=/tmp/mini_vstar
+  ... --config=configs/mini_vstar.py:variant=none          # ablation: no tool reward
+  ... --config=configs/mini_vstar.py:variant=unconditional # ablation: tool reward without the condition
+  ... --config=configs/mini_vstar.py:size=ci               # a few steps of everything (the CI check)
+
+Stages (deepeyes_jax/minivstar/run.py): synthetic V*-style data -> a random tiny Qwen2.5-VL ->
+format stage (the stand-in for pretraining) -> GRPO with the DeepEyes reward -> evaluation on held-out
+items -> dynamics figure and summary. `grpo` is a full `configs/deepeyes.py` config: every
+`--config.grpo.*` flag of the real recipe applies.
+"""
+
+import importlib.util
+import os
+
+import ml_collections
+
+
+def _deepeyes_config(arg: str) -> ml_collections.ConfigDict:
+    """configs/deepeyes.py's get_config (loaded by path: configs/ is not a package)."""
+    spec = importlib.util.spec_from_file_location("_deepeyes_config",
+                                                  os.path.join(os.path.dirname(__file__), "deepeyes.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config(arg)
+
+VARIANTS = ("conditional", "none", "unconditional")
+SIZES = ("full", "ci")
+
+
+def _parse(arg: str) -> dict[str, str]:
+    out = {"variant": "conditional", "size": "full"}
+    for part in filter(None, (arg or "").split(",")):
+        key, _, value = part.partition("=")
+        if key not in out:
+            raise ValueError(f"unknown config argument {key!r} in {arg!r}; use variant=... and size=...")
+        out[key] = value
+    if out["variant"] not in VARIANTS:
+        raise ValueError(f"variant={out['variant']!r}; choose one of {VARIANTS}")
+    if out["size"] not in SIZES:
+        raise ValueError(f"size={out['size']!r}; choose one of {SIZES}")
+    return out
+
+
+def get_config(arg: str = "") -> ml_collections.ConfigDict:
+    from deepeyes_jax.minivstar import tasks
+
+    a = _parse(arg)
+    ci = a["size"] == "ci"
+    c = ml_collections.ConfigDict()
+    c.label = f"tool reward: {a['variant']}" + (" (ci)" if ci else "")
+    c.seed = 0
+
+    c.data = ml_collections.ConfigDict()
+    c.data.train_items = 32 if ci else 1024
+    c.data.train_seed = 0
+    c.data.eval_items = 8 if ci else 96
+    c.data.eval_seed = 1  # held out: another generator seed
+
+    c.model = ml_collections.ConfigDict()
+    c.model.hidden, c.model.layers = 128, 4
+    c.model.vision_hidden, c.model.vision_depth = 64, 4
+
+    c.format = ml_collections.ConfigDict()
+    c.format.steps = 3 if ci else 150
+    c.format.batch = 4 if ci else 16
+    c.format.micro_batches = 1
+    c.format.lr = 1e-3
+    c.format.zoom_prob = 0.5
+    c.format.log_every = 1 if ci else 20
+
+    c.eval = ml_collections.ConfigDict()
+    c.eval.orders = ("shuffled",)
+    c.eval.seed = 0
+    c.eval.batch = 4 if ci else 32
+    c.eval.media_max_side = 256
+    c.eval.view_items = 48
+
+    g = _deepeyes_config("model=tiny")
+    g.steps = 2 if ci else 60
+    g.data.source = "minivstar"
+    g.data.minivstar_items = c.data.train_items
+    g.data.minivstar_seed = c.data.train_seed
+    g.data.prompts_per_step = 2 if ci else 4
+    g.rollout.num_samples = 2 if ci else 8
+    g.rollout.max_turns = 3
+    g.rollout.max_turn_tokens = 96
+    g.rollout.max_response_tokens = 384
+    g.rollout.max_prompt_tokens = 1024
+    g.rollout.system_prompt = tasks.SYSTEM_PROMPT
+    g.reward.tool_reward = a["variant"]
+    g.optim.lr = 2e-4
+    g.optim.weight_decay = 0.0
+    g.optim.micro_batches = 1 if ci else 2
+    g.optim.remat = False
+    g.metrics.trajectories_per_step = 2
+    g.checkpoint.every = 1 if ci else 10
+    g.checkpoint.keep = 2
+    c.grpo = g
+    return c

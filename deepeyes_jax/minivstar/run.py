@@ -1,0 +1,194 @@
+"""Mini-V* end to end: data -> base model -> format stage -> GRPO -> evaluation -> figure and summary.
+
+Every stage writes under one work directory and is skipped when its output is already there, so a
+rerun resumes (the GRPO stage resumes from its last Orbax checkpoint):
+
+  heldout/            the held-out items in V* Bench's folder format (+ oracle.json)
+  base/               the randomly initialised Hugging Face directory
+  format/             the model after the format stage (Hugging Face directory) + metrics.jsonl
+  eval_start/         evaluation of format/ on heldout/ (results.json, results.md)
+  grpo/               the GRPO run (metrics.jsonl, trajectories, Orbax checkpoints)
+  eval_end/           evaluation of the last GRPO checkpoint on heldout/
+  dynamics.png        the training-dynamics figure;  summary.md / summary.json  start vs end
+  view.html           the trajectory viewer page of the final evaluation
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from typing import Any
+
+import jax
+import ml_collections
+
+from deepeyes_jax.data import synthetic_vstar as sv
+from deepeyes_jax.eval import benchmarks as bench_lib
+from deepeyes_jax.eval import evaluate as eval_lib
+from deepeyes_jax.eval import viewer
+from deepeyes_jax.minivstar import base as base_lib
+from deepeyes_jax.minivstar import format_stage
+from deepeyes_jax.minivstar import tasks as tasks_lib
+from deepeyes_jax.model import checkpoint as ckpt_lib
+from deepeyes_jax.model import sharding
+from deepeyes_jax.rl import plots, trainer, writers
+from deepeyes_jax.sampling import Sampler
+
+DONE = ".done"
+
+
+def _done(path: str) -> bool:
+    return os.path.exists(os.path.join(path, DONE))
+
+
+def _mark(path: str, info: dict[str, Any] | None = None) -> None:
+    with open(os.path.join(path, DONE), "w") as f:
+        json.dump(info or {}, f)
+
+
+def _log(msg: str) -> None:
+    print(f"[mini-v*] {msg}", flush=True)
+
+
+def heldout(c: ml_collections.ConfigDict, workdir: str) -> str:
+    path = os.path.join(workdir, "heldout")
+    if not _done(path):
+        meta = sv.write_dataset(path, c.data.eval_items, c.data.eval_seed, tasks_lib.SYNTHETIC)
+        oracle = sv.oracle_check(path, margin=0.12)
+        with open(os.path.join(path, "oracle.json"), "w") as f:
+            json.dump(oracle, f, indent=1)
+        _mark(path, meta)
+        _log(f"held-out set: {meta['counts']}; oracle (full view / crop accuracy): "
+             + ", ".join(f"{k} {v['full_view']:.2f}/{v['crop']:.2f}" for k, v in oracle.items()))
+    return path
+
+
+def base_model(c: ml_collections.ConfigDict, workdir: str) -> str:
+    path = os.path.join(workdir, "base")
+    if not _done(path):
+        m = c.model
+        cfg = base_lib.model_config(m.hidden, m.layers, m.vision_hidden, m.vision_depth)
+        base_lib.write_base(path, c.seed, tasks_lib.SYNTHETIC.max_pixels, cfg)
+        _mark(path)
+    return path
+
+
+def format_model(c: ml_collections.ConfigDict, workdir: str, base: str, mesh, rules) -> str:
+    path = os.path.join(workdir, "format")
+    if _done(path):
+        return path
+    os.makedirs(path, exist_ok=True)
+    pre = ckpt_lib.load_pretrained(base, mesh=mesh, rules=rules)
+    tasks = tasks_lib.make_tasks(c.data.train_items, c.data.train_seed)
+    writer = writers.MetricsWriter(path)  # format/metrics.jsonl
+    t0 = time.time()
+
+    def log(step, m):
+        writer.write(step, m)
+        if step % c.format.log_every == 0 or step == c.format.steps:
+            _log(f"format step {step}/{c.format.steps}: nll {m['format/nll']:.3f} "
+                 f"({m['time/step']:.1f}s/step, {time.time() - t0:.0f}s)")
+
+    fcfg = format_stage.FormatConfig(steps=c.format.steps, batch=c.format.batch, lr=c.format.lr,
+                                     zoom_prob=c.format.zoom_prob, seed=c.seed,
+                                     micro_batches=c.format.micro_batches)
+    pre = format_stage.train(pre, tasks, trainer.rollout_config(c.grpo.rollout), fcfg, mesh, rules, log)
+    writer.close()
+    pre.export(path)
+    _mark(path, {"seconds": time.time() - t0})
+    return path
+
+
+def evaluate(c: ml_collections.ConfigDict, checkpoint: str, base: str | None, heldout_dir: str, out: str,
+             mesh, rules) -> dict[str, Any]:
+    """Greedy evaluation of a checkpoint (HF directory, or Orbax run directory over `base`)."""
+    if os.path.exists(os.path.join(out, "results.json")) and _done(out):
+        with open(os.path.join(out, "results.json")) as f:
+            return json.load(f)
+    model, pre, step = ckpt_lib.load_for_sampling(checkpoint, base, mesh, rules)
+    sampler = Sampler(model, pre.tokenizer, pre.image_processor, trainer.rollout_config(c.grpo.rollout))
+    ecfg = eval_lib.EvalConfig(orders=tuple(c.eval.orders), seed=c.eval.seed, batch_size=c.eval.batch,
+                               media_max_side=c.eval.media_max_side, progress=False)
+    report = eval_lib.evaluate([bench_lib.detect(heldout_dir, "mini_vstar")],
+                               eval_lib.GreedyRollout(sampler, mesh), out, ecfg,
+                               settings={"checkpoint": os.path.abspath(checkpoint), "step": step})
+    _mark(out)
+    return report
+
+
+def _headline(report: dict[str, Any], order: str = "shuffled") -> dict[str, float | None]:
+    s = report["benchmarks"]["mini_vstar"]["summary"][order]
+    split = s.get("zoom_split", {})
+    need, free = split.get("zoom_needed", {}), split.get("zoom_free", {})
+    return {"accuracy": s["accuracy"], "zoom_rate": s["zoom_rate"],
+            "zoom_needed/accuracy": need.get("accuracy"), "zoom_needed/zoom_rate": need.get("zoom_rate"),
+            "zoom_needed/iou_mean": need.get("iou_mean"), "zoom_free/accuracy": free.get("accuracy"),
+            "zoom_free/zoom_rate": free.get("zoom_rate"), "calls_per_item": s["calls_per_item"]}
+
+
+def summarize(start: dict[str, Any], end: dict[str, Any], seconds: dict[str, float], path: str,
+              label: str) -> dict[str, Any]:
+    a, b = _headline(start), _headline(end)
+    fmt = lambda v: "-" if v is None else f"{v:.3f}"  # noqa: E731
+    lines = [f"# Mini-V* ({label})", "", "Held-out items, greedy, options shuffled (seeded).", "",
+             "| metric | start (after format stage) | end (after GRPO) | change |", "|---|---|---|---|"]
+    for k in a:
+        d = None if a[k] is None or b[k] is None else b[k] - a[k]
+        lines.append(f"| {k} | {fmt(a[k])} | {fmt(b[k])} | {fmt(d)} |")
+    lines += ["", "Wall time (s): " + ", ".join(f"{k} {v:.0f}" for k, v in seconds.items())]
+    text = "\n".join(lines) + "\n"
+    with open(path + ".md", "w") as f:
+        f.write(text)
+    out = {"label": label, "start": a, "end": b, "seconds": seconds}
+    with open(path + ".json", "w") as f:
+        json.dump(out, f, indent=1)
+    print(text, flush=True)
+    return out
+
+
+def run(c: ml_collections.ConfigDict, workdir: str, shared: str | None = None) -> dict[str, Any]:
+    """Runs every stage (see the module docstring); returns the summary.
+
+    `shared` (default: `workdir`) holds the stages that do not depend on the reward (held-out set, base,
+    format stage, starting evaluation), so the ablation's variants share them.
+    """
+    os.makedirs(workdir, exist_ok=True)
+    shared = shared or workdir
+    os.makedirs(shared, exist_ok=True)
+    mesh = sharding.make_mesh(c.grpo.mesh.shape)
+    rules = sharding.get_rules(c.grpo.mesh.rules)
+    seconds: dict[str, float] = {}
+    t = time.time()
+    held = heldout(c, shared)
+    base = base_model(c, shared)
+    seconds["data+base"] = time.time() - t
+    t = time.time()
+    fmt = format_model(c, shared, base, mesh, rules)
+    seconds["format"] = time.time() - t
+    t = time.time()
+    start = evaluate(c, fmt, None, held, os.path.join(shared, "eval_start"), mesh, rules)
+    seconds["eval_start"] = time.time() - t
+    _log("start: " + json.dumps(_headline(start)))
+    t = time.time()
+    g = c.grpo.copy_and_resolve_references()
+    with g.unlocked():
+        g.model.checkpoint = fmt
+    grpo_dir = os.path.join(workdir, "grpo")
+    if not _done(grpo_dir):
+        trainer.run(g, grpo_dir)
+        _mark(grpo_dir)
+    seconds["grpo"] = time.time() - t
+    t = time.time()
+    end = evaluate(c, os.path.join(grpo_dir, "checkpoints"), fmt, held, os.path.join(workdir, "eval_end"),
+                   mesh, rules)
+    seconds["eval_end"] = time.time() - t
+    plots.plot_dynamics(os.path.join(grpo_dir, "metrics.jsonl"), os.path.join(workdir, "dynamics.png"),
+                        title=f"Mini-V* GRPO ({c.label})", smoothing=0.6)
+    viewer.write_page(os.path.join(workdir, "eval_end"), os.path.join(workdir, "view.html"), None, "all",
+                      c.eval.view_items, f"Mini-V* held-out, end of GRPO ({c.label})")
+    jax.effects_barrier()
+    out = summarize(start, end, seconds, os.path.join(workdir, "summary"), c.label)
+    out["viewer"] = os.path.join(workdir, "view.html")
+    return out
+

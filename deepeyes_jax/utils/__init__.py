@@ -1,0 +1,1 @@
+"""Instrumentation shared by the benchmarks and the tests (compilation counting)."""

@@ -1,0 +1,173 @@
+"""Mini-V*: tokenizer, model directory, tile scenes, format-stage turns and episodes, the NLL loss, and
+the shortened end-to-end run of the README's first command (CI checks the pipeline, not learning)."""
+
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from conftest import FIXTURES
+from deepeyes_jax.data import choices, readers, synthetic_vstar
+from deepeyes_jax.minivstar import base, format_stage, tasks
+from deepeyes_jax.minivstar import tokenizer as tok_lib
+from deepeyes_jax.model import checkpoint, sharding
+from deepeyes_jax.processing.chat import Tokenizer
+from deepeyes_jax.rl import grpo, metrics, rewards
+from deepeyes_jax.sampling import RolloutConfig, Sampler, engine
+
+REPO = FIXTURES.parents[1]
+
+
+@pytest.fixture(scope="module")
+def base_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("minivstar_base")
+    cfg = base.model_config(hidden=64, layers=2, vision_hidden=32, vision_depth=2)
+    return base.write_base(path, seed=0, max_pixels=tasks.SYNTHETIC.max_pixels, cfg=cfg)
+
+
+def test_tokenizer_keeps_qwen_special_tokens_and_splits_digits(tmp_path):
+    tok_lib.write(tmp_path)
+    tok = Tokenizer.from_dir(tmp_path)
+    for name in tok_lib.SPECIAL + tok_lib.NONSPECIAL:
+        assert tok.encode(name) == [tok_lib.token_id(name)], name
+    assert tok.special.image_pad == tok_lib.token_id("<|image_pad|>") == tok_lib.BASE_VOCAB + 12
+    digits = tok.encode("[126, 56]")
+    assert [tok.decode([i]) for i in digits] == ["[", "1", "2", "6", ",", " ", "5", "6", "]"]
+    text = tasks.zoom_turn([63, 56, 126, 112]) + tasks.answer_turn("C")
+    assert tok.decode(tok.encode(text)) == text
+    assert len(tok.encode(tasks.SYSTEM_PROMPT)) < 100  # the point of the short prompt
+    assert tok_lib.build().to_str() == tok_lib.build().to_str()  # deterministic
+
+
+def test_base_directory_loads_like_a_hub_checkpoint(base_dir):
+    pre = checkpoint.load_pretrained(base_dir)
+    assert pre.config.image_token_id == pre.tokenizer.special.image_pad
+    assert pre.config.text.vocab_size == base.VOCAB_ROWS >= pre.tokenizer.vocab_size
+    assert pre.image_processor.config.max_pixels == tasks.SYNTHETIC.max_pixels
+
+
+def test_tile_scenes_hide_the_detail_in_the_full_view_only(tmp_path):
+    cfg = tasks.SYNTHETIC
+    assert cfg.resized_hw == (168, 252)
+    synthetic_vstar.write_dataset(tmp_path, 24, seed=5, cfg=cfg)
+    assert all(it.error is None for it in readers.read_vstar(tmp_path))
+    oracle = synthetic_vstar.oracle_check(tmp_path, margin=0.12)  # ~ the tile around the card
+    need = oracle["zoom_needed/direct_attributes"]
+    assert need["full_view"] <= 0.5 and need["full_view_decided"] == 0.0 and need["crop"] == 1.0
+    assert all(v["full_view"] == 1.0 for k, v in oracle.items() if k.startswith("zoom_free"))
+
+
+def test_tile_cards_fill_their_tiles_and_tints_differ():
+    cfg = tasks.SYNTHETIC
+    tints = {synthetic_vstar.tile_tint(t, cfg.tiles) for t in range(12)}
+    assert len(tints) == 12
+    for i in range(20):
+        _, img, ann = synthetic_vstar.make_item(i, 0, cfg)
+        for card in ann["synthetic"]["cards"]:
+            tx, ty, tw, th = cfg.tile_box(card["tile"])
+            x, y, w, h = card["box"]
+            assert tx <= x and x + w <= tx + tw and ty <= y and y + h <= ty + th
+            # the tile box grounds the card
+            assert metrics.iou([tx, ty, tx + tw, ty + th], [x, y, x + w, y + h]) >= 0.6
+
+
+def test_records_route_rewards_and_shuffle_options():
+    ts = tasks.make_tasks(16, seed=2)
+    for t in ts:
+        r = t.record
+        assert r["data_source"] == ("vstar" if t.zoom_needed else tasks.FREE_SOURCE)
+        assert r["options"][choices.LETTERS.index(r["answer"])] == t.annotation["options"][0]
+        text = tasks.answer_turn(t.annotation["options"][0])  # the option's text
+        with_crop = rewards.score(r, text, 1, config=rewards.RewardConfig(judges={"vstar": "rule"}))
+        assert with_crop.accuracy == 1.0
+        assert with_crop.total == (2.0 if t.zoom_needed else 0.8)  # no tool term on zoom-free items
+    assert len({t.record["answer"] for t in ts}) > 1
+
+
+def test_format_turns_answer_right_only_when_the_last_view_shows_it():
+    ts = tasks.make_tasks(40, seed=4)
+    rng = np.random.default_rng(0)
+    zoomed = 0
+    for t in ts:
+        for _ in range(5):
+            turns = tasks.format_turns(t, rng, zoom_prob=0.5)
+            said = turns[-1].split("<answer>")[1].split("</answer>")[0]
+            assert said in t.record["options"]
+            right = said == t.annotation["options"][0]
+            if len(turns) == 1:
+                if not t.zoom_needed:
+                    assert right
+                continue
+            zoomed += 1
+            call = json.loads(turns[0].split("<tool_call>\n")[1].split("\n</tool_call>")[0])
+            box = call["arguments"]["bbox_2d"]
+            tile = [tasks.tile_box(i) for i in range(12)].index(box)
+            syn = t.annotation["synthetic"]
+            assert tile in [c["tile"] for c in syn["cards"]]  # a box around some card
+            if len(syn["targets"]) == 1 and tile == syn["cards"][syn["targets"][0]]["tile"]:
+                assert right
+    assert 50 < zoomed < 150
+
+
+def test_format_episodes_mask_exactly_the_forced_tokens(base_dir):
+    mesh = sharding.make_mesh((1, -1, 1))
+    pre = checkpoint.load_pretrained(base_dir, mesh=mesh, rules=sharding.get_rules("fsdp"))
+    rc = RolloutConfig(max_turns=3, max_turn_tokens=96, max_response_tokens=384, max_forced_tokens=96,
+                       system_prompt=tasks.SYSTEM_PROMPT)
+    sampler = Sampler(pre.model, pre.tokenizer, pre.image_processor, rc)
+    ts = tasks.make_tasks(6, seed=1)
+    trajs = format_stage.episodes(sampler, ts, np.random.default_rng(3), 4, 1.0, mesh)  # all zoom
+    for t in trajs:
+        assert t.stop_reason == "answer" and len(t.images) == 2 and t.tool_calls[0].status == "ok"
+        forced = t.response_ids[t.action_mask > 0]
+        assert (t.source[t.action_mask > 0] == engine.FORCED).all()
+        assert (t.action_mask == (t.source != engine.OBSERVATION) * (t.source == engine.FORCED)).all()
+        text = pre.tokenizer.decode(forced.tolist())
+        assert text.startswith("<think>" + tasks.THINK_ZOOM) and text.endswith("</answer><|im_end|>")
+
+
+def test_weighted_nll_is_the_negative_log_likelihood_gradient():
+    logp = jnp.log(jnp.array([[0.5, 0.25, 0.125]]))
+    adv = jnp.ones_like(logp)
+    loss, _ = grpo.weighted_nll_loss(logp, logp + 3.0, adv, clip_low=0.2, clip_high=0.2, dual_clip=3.0)
+    np.testing.assert_allclose(loss, -logp)
+    g = jax.grad(lambda x: grpo.weighted_nll_loss(x, x, adv, clip_low=0.2, clip_high=0.2,
+                                                  dual_clip=None)[0].sum())(logp)
+    np.testing.assert_allclose(g, -np.ones((1, 3)))
+
+
+def _run(args, timeout=900):
+    env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "JAX_PLATFORMS": "cpu"}
+    proc = subprocess.run([sys.executable, *args], cwd=REPO, capture_output=True, text=True, timeout=timeout,
+                          env=env)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    return proc.stdout
+
+
+@pytest.mark.slow
+def test_shortened_mini_vstar_and_ablation_end_to_end(tmp_path):
+    """The README's first command at size=ci, then the ablation launcher reusing its shared stages."""
+    run_dir, abl = tmp_path / "run", tmp_path / "ablation"
+    out = _run(["launch/mini_vstar.py", "--config=configs/mini_vstar.py:size=ci", f"--workdir={run_dir}"])
+    assert "wrote" in out and "| accuracy |" in out
+    for name in ("dynamics.png", "summary.md", "summary.json", "view.html", "heldout/oracle.json",
+                 "format/metrics.jsonl", "eval_start/results.json", "eval_end/results.md",
+                 "grpo/metrics.jsonl"):
+        assert (run_dir / name).is_file(), name
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert set(summary["start"]) == set(summary["end"]) >= {"accuracy", "zoom_needed/zoom_rate",
+                                                              "zoom_free/zoom_rate"}
+    steps = [json.loads(line) for line in (run_dir / "grpo/metrics.jsonl").read_text().splitlines()]
+    assert [s["step"] for s in steps] == [1, 2]
+    assert any(k.startswith("tools/zoom_rate/") for k in steps[0])
+    html = (run_dir / "view.html").read_text()
+    assert html.count("<img") >= 8  # every held-out item's image
+    out = _run(["launch/mini_vstar_ablation.py", "--config=configs/mini_vstar.py:size=ci",
+                f"--workdir={abl}", f"--shared={run_dir}", "--variants=none"])
+    assert (abl / "ablation.png").is_file() and "| none |" in (abl / "ablation.md").read_text()
+    assert not (abl / "common").exists()  # the shared stages were reused, not redone
