@@ -107,6 +107,7 @@ EXPECTED = {
     "reward/mean/thinklite_eureka": 1.2, "reward/acc/thinklite_eureka": 1.0,
     "tools/calls_mean": 1.5, "tools/calls_max": 3, "tools/calls_min": 1,
     "tools/ok_mean": 1.0, "tools/failed_mean": 0.5, "tools/failed_frac": 1 / 3, "tools/zoom_rate": 0.5,
+    "tools/zoom_rate/vstar": 1.0, "tools/zoom_rate/thinklite_eureka": 0.0,
     "response/len_mean": 3.5, "response/len_max": 5, "response/len_min": 2,
     "response/total_len_mean": 4.0, "response/turns_mean": 2.0,
     "iou/first": (1 + 1 / 3) / 2, "iou/mean": (0.75 + 1 / 3) / 2, "iou/max": (1 + 1 / 3) / 2, "iou/trajs": 2,

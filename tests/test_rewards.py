@@ -213,9 +213,11 @@ def test_score_batch_errors():
 
 
 def test_registry():
-    assert rewards.registered_sources() == ["chart", "hrbench", "thinklite_eureka", "vstar"]
+    assert rewards.registered_sources() == ["chart", "hrbench", "minivstar_free", "thinklite_eureka",
+                                            "vstar"]
     with pytest.raises(ValueError, match=r"no reward registered for data_source 'geoguessr'; registered: "
-                                         r"\['chart', 'hrbench', 'thinklite_eureka', 'vstar'\]"):
+                                         r"\['chart', 'hrbench', 'minivstar_free', "
+                                         r"'thinklite_eureka', 'vstar'\]"):
         score(dict(VSTAR, data_source="geoguessr"), response(), 0, judge_result=1.0)
     with pytest.raises(ValueError, match=r"already registered for data_source 'vstar'"):
         rewards.register_reward("vstar", rewards.AnswerTagReward())
@@ -255,3 +257,11 @@ def test_reward_inputs_from_trajectory_decode_observations():
     # A last-turn call whose crop never reached the context earns nothing.
     traj = types.SimpleNamespace(response_ids=tok.encode("<answer>red</answer>"), images=["original"])
     assert rewards.reward_inputs_from_trajectory(traj, tok)[1] == 0
+
+
+def test_answer_tag_reward_without_tool_term():
+    free = rewards.get_reward("minivstar_free")
+    for mode in ("conditional", "unconditional", "none"):
+        cfg = rewards.RewardConfig(tool_reward=mode)
+        assert free.terms(1.0, False, 2, cfg) == {"accuracy": 0.8, "format": 0.0, "tool": 0.0}
+    assert rewards.get_reward("vstar").terms(1.0, False, 2, rewards.RewardConfig())["tool"] == 1.2
