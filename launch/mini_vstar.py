@@ -22,7 +22,7 @@ def main(argv):
     summary = run.run(_CONFIG.value, _WORKDIR.value)
     wd = _WORKDIR.value
     print(f"wrote {os.path.join(wd, 'dynamics.png')}, {os.path.join(wd, 'summary.md')} and "
-          f"{summary.get('viewer', os.path.join(wd, 'view.html'))}")
+          f"{summary['viewer']}")
 
 
 if __name__ == "__main__":

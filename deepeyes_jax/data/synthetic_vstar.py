@@ -244,12 +244,9 @@ def make_item(index: int, seed: int, cfg: SyntheticConfig) -> tuple[str, np.ndar
         if rng.integers(2):
             a, b = b, a  # the card named first is the later one half of the time
         cards = [_card(rng, cfg, a, "white", p1, zoom_needed), _card(rng, cfg, b, "white", p2, zoom_needed)]
-        how = "on the left or right side of" if horizontal else "above or below"
-        sides = ("on the left side of", "on the right side of") if horizontal else ("above", "below")
-        options = [f"The card with {p1} stripes is {s} the card with {p2} stripes." for s in sides]
-        options = options if (a[0] < b[0] if horizontal else a[1] < b[1]) else options[::-1]
-        question = f"Is the card with {p1} stripes {how} the card with {p2} stripes?"
-        targets, folder, names = [0, 1], "relative_position", [f"card with {p} stripes" for p in (p1, p2)]
+        first_before = a[0] < b[0] if horizontal else a[1] < b[1]
+        question, options, names = _relative_text(p1, p2, horizontal, first_before)
+        targets, folder = [0, 1], "relative_position"
     else:
         frames = [list(FRAMES)[i] for i in rng.permutation(len(FRAMES))]
         cards, taken = [], []
@@ -258,19 +255,45 @@ def make_item(index: int, seed: int, cfg: SyntheticConfig) -> tuple[str, np.ndar
             side = _side(rng, cfg, small)
             taken.append(_place(rng, cfg, side, side, taken))
             cards.append(_card(rng, cfg, taken[-1], frames[k], pairs[int(rng.integers(len(pairs)))], small))
-        answer = cards[0].stripes
-        options = [answer] + [pairs[i] for i in rng.permutation(len(pairs)) if pairs[i] != answer]
-        question = f"Which two colors make up the stripes on the card with the {frames[0]} frame?"
-        targets, folder, names = [0], "direct_attributes", [f"card with the {frames[0]} frame"]
+        question, options, names = _attribute_text(rng, frames[0], cards[0].stripes)
+        targets, folder = [0], "direct_attributes"
+    return folder, img, _annotate(img, cfg, cards, targets, names, question, options, zoom_needed)
+
+
+def _relative_text(p1: str, p2: str, horizontal: bool, first_before: bool
+                   ) -> tuple[str, list[str], list[str]]:
+    """(question, options with the right one first, target names) of a relative-position item whose
+    first-named card (stripes p1) is left of / above the other when `first_before`."""
+    how = "on the left or right side of" if horizontal else "above or below"
+    sides = ("on the left side of", "on the right side of") if horizontal else ("above", "below")
+    options = [f"The card with {p1} stripes is {s} the card with {p2} stripes." for s in sides]
+    question = f"Is the card with {p1} stripes {how} the card with {p2} stripes?"
+    return question, options if first_before else options[::-1], [f"card with {p} stripes" for p in (p1, p2)]
+
+
+def _attribute_text(rng: np.random.Generator, frame: str, answer: str) -> tuple[str, list[str], list[str]]:
+    """(question, options with the right one first, target names) of a stripe-colour item."""
+    pairs = list(PAIRS)
+    options = [answer] + [pairs[i] for i in rng.permutation(len(pairs)) if pairs[i] != answer]
+    question = f"Which two colors make up the stripes on the card with the {frame} frame?"
+    return question, options, [f"card with the {frame} frame"]
+
+
+def _annotate(img: np.ndarray, cfg: SyntheticConfig, cards: list[Card], targets: list[int], names: list[str],
+              question: str, options: list[str], zoom_needed: bool, tiles: list[int] | None = None
+              ) -> dict[str, Any]:
+    """Draws the cards into `img` and returns the V* annotation with the `synthetic` extras."""
     for card in cards:
         card.draw(img)
     drawn = [{**dataclasses.asdict(c), "interior": list(c.interior)} for c in cards]
-    annotation = {
-        "target_object": names, "bbox": [list(cards[t].box) for t in targets], "question": question,
-        "options": options, "zoom_needed": zoom_needed,
-        "synthetic": {"cards": drawn, "targets": targets, "answer": options[0], "max_pixels": cfg.max_pixels,
-                      "resized_hw": list(cfg.resized_hw)}}
-    return folder, img, annotation
+    synthetic = {"cards": drawn, "targets": targets, "answer": options[0], "max_pixels": cfg.max_pixels,
+                 "resized_hw": list(cfg.resized_hw)}
+    if tiles is not None:
+        for d, t in zip(drawn, tiles, strict=True):
+            d["tile"] = t
+        synthetic.update(layout="tiles", tiles=list(cfg.tiles))
+    return {"target_object": names, "bbox": [list(cards[t].box) for t in targets], "question": question,
+            "options": options, "zoom_needed": zoom_needed, "synthetic": synthetic}
 
 
 def _tile_card(rng: np.random.Generator, cfg: SyntheticConfig, tile: int, frame: str, stripes: str,
@@ -307,13 +330,8 @@ def _tiles_item(rng: np.random.Generator, cfg: SyntheticConfig, zoom_needed: boo
         named = tiles if first else tiles[::-1]
         cards = [_tile_card(rng, cfg, named[0], "white", p1, False),
                  _tile_card(rng, cfg, named[1], "white", p2, False)]
-        how = "on the left or right side of" if horizontal else "above or below"
-        sides = ("on the left side of", "on the right side of") if horizontal else ("above", "below")
-        options = [f"The card with {p1} stripes is {s} the card with {p2} stripes." for s in sides]
-        options = options if first else options[::-1]
-        question = f"Is the card with {p1} stripes {how} the card with {p2} stripes?"
-        targets, folder, names = [0, 1], "relative_position", [f"card with {p} stripes" for p in (p1, p2)]
-        card_tiles = named
+        question, options, names = _relative_text(p1, p2, horizontal, first)
+        targets, folder, card_tiles = [0, 1], "relative_position", named
     else:
         frames = [list(FRAMES)[i] for i in rng.permutation(len(FRAMES))]
         k = 1 + int(rng.integers(cfg.distractors[0], cfg.distractors[1] + 1))
@@ -321,20 +339,9 @@ def _tiles_item(rng: np.random.Generator, cfg: SyntheticConfig, zoom_needed: boo
         cards = [_tile_card(rng, cfg, t, frames[i], pairs[int(rng.integers(len(pairs)))],
                             zoom_needed if i == 0 else bool(rng.random() < 0.7))
                  for i, t in enumerate(card_tiles)]
-        answer = cards[0].stripes
-        options = [answer] + [pairs[i] for i in rng.permutation(len(pairs)) if pairs[i] != answer]
-        question = f"Which two colors make up the stripes on the card with the {frames[0]} frame?"
-        targets, folder, names = [0], "direct_attributes", [f"card with the {frames[0]} frame"]
-    for card in cards:
-        card.draw(img)
-    drawn = [{**dataclasses.asdict(c), "interior": list(c.interior), "tile": t}
-             for c, t in zip(cards, card_tiles, strict=True)]
-    annotation = {
-        "target_object": names, "bbox": [list(cards[t].box) for t in targets], "question": question,
-        "options": options, "zoom_needed": zoom_needed,
-        "synthetic": {"cards": drawn, "targets": targets, "answer": options[0], "max_pixels": cfg.max_pixels,
-                      "resized_hw": list(cfg.resized_hw), "layout": "tiles", "tiles": list(cfg.tiles)}}
-    return folder, img, annotation
+        question, options, names = _attribute_text(rng, frames[0], cards[0].stripes)
+        targets, folder = [0], "direct_attributes"
+    return folder, img, _annotate(img, cfg, cards, targets, names, question, options, zoom_needed, card_tiles)
 
 
 def write_dataset(output: str | os.PathLike, num: int, seed: int = 0,

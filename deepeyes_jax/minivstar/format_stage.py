@@ -85,10 +85,7 @@ def train(pre: Pretrained, tasks: Sequence[tasks_lib.Task], rollout: RolloutConf
         trajs, pool = pool[:cfg.batch], pool[cfg.batch:]
         t1 = time.perf_counter()
         batch = batch_lib.pack(trajs, np.ones(len(trajs), np.float32), pre.config.vision, cfg.micro_batches)
-        key = batch.vision.image_windows  # static: one program per bucket
-        if key not in programs:
-            programs[key] = step_lib.compile_steps(graphdef, state, batch, mesh, rules, ucfg, with_ref=False)
-        compiled = programs[key]
+        compiled = step_lib.steps_for(programs, graphdef, state, batch, mesh, rules, ucfg, with_ref=False)
         dev = jax.tree.map(lambda x, s: sharding.place(np.asarray(x), s), batch, compiled.batch_shardings)
         state, m = compiled.update(state, dev, None)
         m = {k: float(v) for k, v in jax.device_get(m).items()}

@@ -103,7 +103,7 @@ def format_model(c: ml_collections.ConfigDict, workdir: str, base: str, mesh, ru
 def evaluate(c: ml_collections.ConfigDict, checkpoint: str, base: str | None, heldout_dir: str, out: str,
              mesh, rules) -> dict[str, Any]:
     """Greedy evaluation of a checkpoint (HF directory, or Orbax run directory over `base`)."""
-    if os.path.exists(os.path.join(out, "results.json")) and _done(out):
+    if _done(out):  # marked after results.json is written
         with open(os.path.join(out, "results.json")) as f:
             return json.load(f)
     model, pre, step = ckpt_lib.load_for_sampling(checkpoint, base, mesh, rules)

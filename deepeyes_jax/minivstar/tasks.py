@@ -22,6 +22,7 @@ or the option text).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import io
 import json
 from typing import Any
@@ -63,8 +64,13 @@ def _png(img: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-def make_tasks(n: int, seed: int, cfg: sv.SyntheticConfig = SYNTHETIC, start: int = 0) -> list[Task]:
-    """Items start..start+n of the set `seed` as records (options shuffled with `seed`)."""
+@functools.lru_cache(maxsize=4)
+def make_tasks(n: int, seed: int, cfg: sv.SyntheticConfig = SYNTHETIC, start: int = 0) -> tuple[Task, ...]:
+    """Items start..start+n of the set `seed` as records (options shuffled with `seed`).
+
+    Cached: a Mini-V* run asks for the same training set twice (format stage, GRPO data), and drawing
+    and PNG-encoding a thousand scenes takes tens of seconds. Treat the result as read-only.
+    """
     out = []
     for i in range(start, start + n):
         folder, img, ann = sv.make_item(i, seed, cfg)
@@ -76,7 +82,7 @@ def make_tasks(n: int, seed: int, cfg: sv.SyntheticConfig = SYNTHETIC, start: in
             question=choices.format_question(ann["question"], options), answer=answer, options=options,
             gt_boxes=boxes, category=("zoom_needed/" if ann["zoom_needed"] else "zoom_free/") + folder)
         out.append(Task(rec, ann))
-    return out
+    return tuple(out)
 
 
 def tile_box(tile: int, cfg: sv.SyntheticConfig = SYNTHETIC) -> list[int]:
@@ -98,8 +104,8 @@ def answer_turn(answer: str, think: str = THINK_ANSWER) -> str:
 
 def format_turns(task: Task, rng: np.random.Generator, zoom_prob: float = 0.5,
                  cfg: sv.SyntheticConfig = SYNTHETIC) -> list[str]:
-    """The teacher-forced assistant turns of one format-stage episode (see the module docstring)."""
-    del cfg
+    """The teacher-forced assistant turns of one format-stage episode (see the module docstring);
+    `cfg` is the generator configuration the task was made with."""
     rec, syn = task.record, task.annotation["synthetic"]
     right = rec["options"][choices.LETTERS.index(rec["answer"])]
     arbitrary = rec["options"][int(rng.integers(len(rec["options"])))]
@@ -109,7 +115,7 @@ def format_turns(task: Task, rng: np.random.Generator, zoom_prob: float = 0.5,
     tile = cards[int(rng.integers(len(cards)))]
     target = [cards[t] for t in syn["targets"]]
     sees = len(target) == 1 and tile == target[0]  # one crop shows one card: relative items need two
-    return [zoom_turn(tile_box(tile)), answer_turn(right if sees else arbitrary)]
+    return [zoom_turn(tile_box(tile, cfg)), answer_turn(right if sees else arbitrary)]
 
 
 def image_of(task: Task) -> Image.Image:

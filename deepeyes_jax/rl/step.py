@@ -228,3 +228,16 @@ def compile_steps(graphdef: nnx.GraphDef, state: nnx.State, batch: TrainBatch, m
                      donate_argnums=(0,))
     logprobs = jax.jit(logprobs, in_shardings=(st_sh, b_sh), out_shardings=b_sh.old_logprobs)
     return CompiledSteps(update=update, logprobs=logprobs, state_shardings=st_sh, batch_shardings=b_sh)
+
+
+def steps_for(programs: dict[Any, CompiledSteps], graphdef: nnx.GraphDef, state: nnx.State, batch: TrainBatch,
+              mesh: Mesh, rules: sharding.Rules, cfg: UpdateConfig, with_ref: bool) -> CompiledSteps:
+    """The compiled steps for `batch`, from `programs` or compiled into it on first use.
+
+    Keyed by the batch's static structure (the vision block size `image_windows`): the shardings given to
+    `jax.jit` fix the batch's tree, so a batch whose static field differs needs programs of its own.
+    """
+    key = batch.vision.image_windows
+    if key not in programs:
+        programs[key] = compile_steps(graphdef, state, batch, mesh, rules, cfg, with_ref)
+    return programs[key]

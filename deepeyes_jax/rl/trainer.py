@@ -146,7 +146,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
     sampler = Sampler(pre.model, pre.tokenizer, pre.image_processor, rollout_config(config.rollout))
     method = Sample(temperature=config.rollout.temperature, top_p=config.rollout.top_p)
     base_rng = jax.random.key(config.seed)
-    programs: dict[int | None, step_lib.CompiledSteps] = {}  # by the batch's static vision block size
+    programs: dict = {}  # compiled steps per batch structure (step_lib.steps_for)
     last: dict[str, float] = {}
 
     try:
@@ -176,11 +176,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
 
             # pack, old log-probs, update
             batch = batch_lib.pack(trajs, adv, pre.config.vision, config.optim.micro_batches)
-            key = batch.vision.image_windows
-            if key not in programs:
-                programs[key] = step_lib.compile_steps(graphdef, state, batch, mesh, rules, ucfg,
-                                                       with_ref=ref_state is not None)
-            compiled = programs[key]
+            compiled = step_lib.steps_for(programs, graphdef, state, batch, mesh, rules, ucfg,
+                                          with_ref=ref_state is not None)
             dev_batch = jax.tree.map(lambda x, s: sharding.place(np.asarray(x), s), batch,
                                      compiled.batch_shardings)
             if config.optim.old_logprobs == "recompute":
