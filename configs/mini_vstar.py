@@ -63,7 +63,9 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     c.model.vision_hidden, c.model.vision_depth = 64, 4
 
     c.format = ml_collections.ConfigDict()
-    c.format.steps = 3 if ci else 150
+    c.format.pretrain_steps = 3 if ci else 100
+    c.format.pretrain_batch = 4 if ci else 32
+    c.format.steps = 2 if ci else 100
     c.format.batch = 4 if ci else 16
     c.format.micro_batches = 1
     c.format.lr = 1e-3

@@ -18,7 +18,7 @@ from deepeyes_jax.minivstar import tokenizer as tok_lib
 from deepeyes_jax.model import checkpoint, sharding
 from deepeyes_jax.processing.chat import Tokenizer
 from deepeyes_jax.rl import grpo, metrics, rewards
-from deepeyes_jax.sampling import RolloutConfig, Sampler, engine
+from deepeyes_jax.sampling import Greedy, Prompt, RolloutConfig, Sampler, engine, forced
 
 REPO = FIXTURES.parents[1]
 
@@ -89,11 +89,12 @@ def test_records_route_rewards_and_shuffle_options():
     assert len({t.record["answer"] for t in ts}) > 1
 
 
-def test_format_turns_answer_right_only_when_the_last_view_shows_it():
+def test_format_turns_zoom_a_random_card_and_read_the_last_view():
     ts = tasks.make_tasks(40, seed=4)
     rng = np.random.default_rng(0)
-    zoomed = 0
+    zoomed, hits = 0, 0
     for t in ts:
+        syn = t.annotation["synthetic"]
         for _ in range(5):
             turns = tasks.format_turns(t, rng, zoom_prob=0.5)
             said = turns[-1].split("<answer>")[1].split("</answer>")[0]
@@ -105,29 +106,82 @@ def test_format_turns_answer_right_only_when_the_last_view_shows_it():
                 continue
             zoomed += 1
             call = json.loads(turns[0].split("<tool_call>\n")[1].split("\n</tool_call>")[0])
-            box = call["arguments"]["bbox_2d"]
-            tile = [tasks.tile_box(i) for i in range(12)].index(box)
-            syn = t.annotation["synthetic"]
-            assert tile in [c["tile"] for c in syn["cards"]]  # a box around some card
-            if len(syn["targets"]) == 1 and tile == syn["cards"][syn["targets"][0]]["tile"]:
-                assert right
-    assert 50 < zoomed < 150
+            tile = [tasks.tile_box(i) for i in range(12)].index(call["arguments"]["bbox_2d"])
+            card = next(c for c in syn["cards"] if c["tile"] == tile)  # a box around some card
+            if len(syn["targets"]) == 1:  # it reads the card it zoomed into, asked about or not
+                assert said == card["stripes"]
+                hits += card is syn["cards"][syn["targets"][0]]
+    assert 50 < zoomed < 150 and 0 < hits < zoomed
 
 
-def test_format_episodes_mask_exactly_the_forced_tokens(base_dir):
+def test_pretrain_captions_show_what_the_view_holds(base_dir):
+    ts = tasks.make_tasks(24, seed=2)
+    rng = np.random.default_rng(1)
+    attr = next(t for t in ts if len(t.annotation["synthetic"]["targets"]) == 1)
+    image, question, turn = tasks.pretrain_example(attr, "crop", rng)
+    said = turn.split("<answer>")[1].split("</answer>")[0]
+    card = next(c for c in attr.annotation["synthetic"]["cards"] if c["stripes"] == said)
+    x, y, w, h = tasks.SYNTHETIC.tile_box(card["tile"])
+    assert image.size == (w, h) and question == tasks.CROP_QUESTION
+    np.testing.assert_array_equal(np.asarray(image), np.asarray(tasks.image_of(attr))[y:y + h, x:x + w])
+    _, question, turn = tasks.pretrain_example(attr, "ground", rng)
+    frame = question.split("with the ")[1].split(" frame")[0]
+    card = next(c for c in attr.annotation["synthetic"]["cards"] if c["frame"] == frame)
+    assert json.loads(turn.split("<answer>")[1].split("</answer>")[0])["bbox_2d"] == tasks.tile_box(card["tile"])
+    need = next(t for t in ts if t.zoom_needed)
+    with pytest.raises(ValueError, match="zoom-free"):
+        tasks.pretrain_example(need, "full_view", rng)
+    with pytest.raises(ValueError, match="kind="):
+        tasks.pretrain_example(attr, "caption", rng)
+    mesh = sharding.make_mesh((1, -1, 1))
+    pre = checkpoint.load_pretrained(base_dir, mesh=mesh, rules=sharding.get_rules("fsdp"))
+    plain = Sampler(pre.model, pre.tokenizer, pre.image_processor, RolloutConfig(tools=(), max_turns=1))
+    caps = format_stage.captions(plain, ts, np.random.default_rng(0), 12, (1, 1, 1))
+    for c in caps:  # no system prompt, no tool protocol: one user turn with the image, one answer
+        text = pre.tokenizer.decode(c.prompt_ids.tolist())
+        assert "# Tools" not in text and "<|vision_start|>" in text and len(c.images) == 1
+        assert (c.action_mask == 1).all() and c.stop_reason == "answer"
+
+
+def _format_setup(base_dir):
     mesh = sharding.make_mesh((1, -1, 1))
     pre = checkpoint.load_pretrained(base_dir, mesh=mesh, rules=sharding.get_rules("fsdp"))
     rc = RolloutConfig(max_turns=3, max_turn_tokens=96, max_response_tokens=384, max_forced_tokens=96,
                        system_prompt=tasks.SYSTEM_PROMPT)
-    sampler = Sampler(pre.model, pre.tokenizer, pre.image_processor, rc)
+    return mesh, pre, Sampler(pre.model, pre.tokenizer, pre.image_processor, rc)
+
+
+def test_host_built_episodes_equal_the_samplers_forced_rollouts(base_dir):
+    mesh, pre, sampler = _format_setup(base_dir)
     ts = tasks.make_tasks(6, seed=1)
-    trajs = format_stage.episodes(sampler, ts, np.random.default_rng(3), 4, 1.0, mesh)  # all zoom
-    for t in trajs:
+    rng = np.random.default_rng(0)
+    turns = [tasks.format_turns(t, rng, 0.6) for t in ts]
+    turns[0] = [tasks.zoom_turn([0, 0, 5, 5]), tasks.answer_turn("red and cyan")]  # a failing call
+    prompts = [Prompt(image=tasks.image_of(t), question=t.record["question"]) for t in ts]
+    with jax.set_mesh(mesh):
+        ref = sampler(prompts, 1, Greedy(), jax.random.key(0), forced=turns)
+    kinds = set()
+    for p, tt, r in zip(prompts, turns, ref, strict=True):
+        h = forced.forced_trajectory(sampler, p, tt)
+        kinds.add((len(h.images), tuple(c.status for c in h.tool_calls)))
+        for name in ("input_ids", "positions", "source", "image_grid_thw", "pixel_values"):
+            np.testing.assert_array_equal(getattr(h, name), getattr(r, name), err_msg=name)
+        assert (h.stop_reason, h.answer, h.turns) == (r.stop_reason, r.answer, r.turns)
+        assert [(c.status, c.box_original) for c in h.tool_calls] == [(c.status, c.box_original)
+                                                                       for c in r.tool_calls]
+    assert {(1, ("error",)), (2, ("ok",)), (1, ())} <= kinds
+    with pytest.raises(ValueError, match="follows the end"):
+        forced.forced_trajectory(sampler, prompts[1], [tasks.answer_turn("x"), tasks.answer_turn("y")])
+
+
+def test_format_episodes_mask_exactly_the_forced_tokens(base_dir):
+    _, pre, sampler = _format_setup(base_dir)
+    trajs = format_stage.episodes(sampler, tasks.make_tasks(6, seed=1), np.random.default_rng(3), 4, 1.0)
+    for t in trajs:  # all zoom
         assert t.stop_reason == "answer" and len(t.images) == 2 and t.tool_calls[0].status == "ok"
-        forced = t.response_ids[t.action_mask > 0]
-        assert (t.source[t.action_mask > 0] == engine.FORCED).all()
-        assert (t.action_mask == (t.source != engine.OBSERVATION) * (t.source == engine.FORCED)).all()
-        text = pre.tokenizer.decode(forced.tolist())
+        forced_ids = t.response_ids[t.action_mask > 0]
+        assert (t.action_mask == (t.source == engine.FORCED)).all()
+        text = pre.tokenizer.decode(forced_ids.tolist())
         assert text.startswith("<think>" + tasks.THINK_ZOOM) and text.endswith("</answer><|im_end|>")
 
 

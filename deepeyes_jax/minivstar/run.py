@@ -86,11 +86,15 @@ def format_model(c: ml_collections.ConfigDict, workdir: str, base: str, mesh, ru
 
     def log(step, m):
         writer.write(step, m)
-        if step % c.format.log_every == 0 or step == c.format.steps:
-            _log(f"format step {step}/{c.format.steps}: nll {m['format/nll']:.3f} "
+        total = c.format.pretrain_steps + c.format.steps
+        if step % c.format.log_every == 0 or step == total:
+            phase = "captions" if m["format/pretraining"] else "protocol"
+            _log(f"format step {step}/{total} ({phase}): nll {m['format/nll']:.3f} "
                  f"({m['time/step']:.1f}s/step, {time.time() - t0:.0f}s)")
 
-    fcfg = format_stage.FormatConfig(steps=c.format.steps, batch=c.format.batch, lr=c.format.lr,
+    fcfg = format_stage.FormatConfig(steps=c.format.steps, batch=c.format.batch,
+                                     pretrain_steps=c.format.pretrain_steps,
+                                     pretrain_batch=c.format.pretrain_batch, lr=c.format.lr,
                                      zoom_prob=c.format.zoom_prob, seed=c.seed,
                                      micro_batches=c.format.micro_batches)
     pre = format_stage.train(pre, tasks, trainer.rollout_config(c.grpo.rollout), fcfg, mesh, rules, log)

@@ -12,11 +12,19 @@ non-V* share of DeepEyes' mixture (ThinkLite) has none. Options are shuffled per
 The format stage's turns (`format_turns`) are what a pretrained VLM brings: the protocol, boxes that
 enclose objects, and reading what it sees; but not where or when to look. Each item is zoomed with
 probability `zoom_prob` whatever it needs, into the tile of a random card of the scene (a coarse box
-around some object). The answer is the right option when the last image the model looked at shows the
-deciding detail (the full view of a zoom-free item; a crop of the target card), else an arbitrary
-option. So the starting model zooms at random and answers from the latest view. Answers are the
-option's text, as DeepEyes' curated training answers are open-ended (the rule judge accepts a letter
-or the option text).
+around some object), and the answer reports the last image the model looked at: after a zoom, the
+stripes of the card it zoomed into (relative items: an arbitrary option, one card cannot settle
+them); without one, the right option when the full view shows it (zoom-free items), else an
+arbitrary option. So the starting model zooms at random, reads whatever card it zoomed into, and is
+right only when that card happens to be the one asked about. Every zoom teaches reading a crop, and
+nothing ties the box to the question. Answers are the option's text, as DeepEyes' curated training
+answers are open-ended (the rule judge accepts a letter or the option text).
+
+Before the protocol, `pretrain_example` gives the perception a pretrained VLM has, as short
+single-turn captions without the tool protocol (only the answer turn's wording is shared): the stripes of a card seen in a crop of its tile,
+the box (tile) of the card with a given frame (grounding, the `bbox_2d` JSON Qwen2.5-VL is trained
+to write), and the answer to a zoom-free question from the full view. Nothing there says to zoom,
+when, or that the box of the card a question names is the one to zoom into: GRPO has to find that.
 """
 
 from __future__ import annotations
@@ -111,11 +119,41 @@ def format_turns(task: Task, rng: np.random.Generator, zoom_prob: float = 0.5,
     arbitrary = rec["options"][int(rng.integers(len(rec["options"])))]
     if rng.random() >= zoom_prob:
         return [answer_turn(right if not task.zoom_needed else arbitrary)]
-    cards = [c["tile"] for c in syn["cards"]]
-    tile = cards[int(rng.integers(len(cards)))]
-    target = [cards[t] for t in syn["targets"]]
-    sees = len(target) == 1 and tile == target[0]  # one crop shows one card: relative items need two
-    return [zoom_turn(tile_box(tile, cfg)), answer_turn(right if sees else arbitrary)]
+    card = syn["cards"][int(rng.integers(len(syn["cards"])))]
+    relative = len(syn["targets"]) > 1
+    return [zoom_turn(tile_box(card["tile"], cfg)), answer_turn(arbitrary if relative else card["stripes"])]
+
+
+CROP_QUESTION = "Which two colors make up the stripes on the card?"
+PRETRAIN_KINDS = ("crop", "ground", "full_view")
+
+
+def grounding_text(box: list[int]) -> str:
+    return json.dumps({"bbox_2d": box, "label": "card"})
+
+
+def pretrain_example(task: Task, kind: str, rng: np.random.Generator,
+                     cfg: sv.SyntheticConfig = SYNTHETIC) -> tuple[Image.Image, str, str]:
+    """(image, question, forced answer turn) of one pretraining caption of `task` (module docstring):
+
+      crop:      a random card's tile, cropped from the original -> its stripes;
+      ground:    the full image, "Where is the card with the F frame?" -> its tile box (resized frame);
+      full_view: the full image and the item's question -> the right option (zoom-free items only).
+    """
+    syn = task.annotation["synthetic"]
+    card = syn["cards"][int(rng.integers(len(syn["cards"])))]
+    if kind == "crop":
+        x, y, w, h = cfg.tile_box(card["tile"])
+        return image_of(task).crop((x, y, x + w, y + h)), CROP_QUESTION, answer_turn(card["stripes"])
+    if kind == "ground":
+        return (image_of(task), f"Where is the card with the {card['frame']} frame?",
+                answer_turn(grounding_text(tile_box(card["tile"], cfg))))
+    if kind == "full_view":
+        if task.zoom_needed:
+            raise ValueError("full_view captions need a zoom-free item: the full view hides this answer")
+        rec = task.record
+        return image_of(task), rec["question"], answer_turn(rec["options"][choices.LETTERS.index(rec["answer"])])
+    raise ValueError(f"kind={kind!r}; choose one of {PRETRAIN_KINDS}")
 
 
 def image_of(task: Task) -> Image.Image:
