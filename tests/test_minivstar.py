@@ -127,7 +127,8 @@ def test_pretrain_captions_show_what_the_view_holds(base_dir):
     _, question, turn = tasks.pretrain_example(attr, "ground", rng)
     frame = question.split("with the ")[1].split(" frame")[0]
     card = next(c for c in attr.annotation["synthetic"]["cards"] if c["frame"] == frame)
-    assert json.loads(turn.split("<answer>")[1].split("</answer>")[0])["bbox_2d"] == tasks.tile_box(card["tile"])
+    said = json.loads(turn.split("<answer>")[1].split("</answer>")[0])
+    assert said["bbox_2d"] == tasks.tile_box(card["tile"])
     need = next(t for t in ts if t.zoom_needed)
     with pytest.raises(ValueError, match="zoom-free"):
         tasks.pretrain_example(need, "full_view", rng)

@@ -2,8 +2,9 @@
 
 Two phases share one optimizer. Pretraining captions (`tasks.pretrain_example`: crops -> stripes,
 grounding boxes, zoom-free questions from the full view) are short single-turn sequences without the
-tool protocol, so perception is learnt at a quarter of an episode's cost. Then the protocol: each step draws a batch of tasks, writes their turns (`tasks.format_turns`) and lays each episode out
-on the host with `sampling.forced.forced_trajectory`: the tool call is parsed and executed, the crop
+tool protocol, so perception is learnt at a quarter of an episode's cost. Then the protocol: each
+step draws a batch of tasks, writes their turns (`tasks.format_turns`) and lays each episode out on the
+host with `sampling.forced.forced_trajectory`: the tool call is parsed and executed, the crop
 processed and the observation placed in the context exactly as the sampler does in RL (token for
 token, see the tests), without a model call. The forced tokens then get the loss.
 

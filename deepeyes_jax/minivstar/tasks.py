@@ -21,10 +21,11 @@ nothing ties the box to the question. Answers are the option's text, as DeepEyes
 answers are open-ended (the rule judge accepts a letter or the option text).
 
 Before the protocol, `pretrain_example` gives the perception a pretrained VLM has, as short
-single-turn captions without the tool protocol (only the answer turn's wording is shared): the stripes of a card seen in a crop of its tile,
-the box (tile) of the card with a given frame (grounding, the `bbox_2d` JSON Qwen2.5-VL is trained
-to write), and the answer to a zoom-free question from the full view. Nothing there says to zoom,
-when, or that the box of the card a question names is the one to zoom into: GRPO has to find that.
+single-turn captions without the tool protocol (only the answer turn's wording is shared): the
+stripes of a card seen in a crop of its tile, the box (tile) of the card with a given frame
+(grounding, the `bbox_2d` JSON Qwen2.5-VL is trained to write), and the answer to a zoom-free
+question from the full view. Nothing there says to zoom, when, or that the box of the card a
+question names is the one to zoom into: GRPO has to find that.
 """
 
 from __future__ import annotations
@@ -152,7 +153,8 @@ def pretrain_example(task: Task, kind: str, rng: np.random.Generator,
         if task.zoom_needed:
             raise ValueError("full_view captions need a zoom-free item: the full view hides this answer")
         rec = task.record
-        return image_of(task), rec["question"], answer_turn(rec["options"][choices.LETTERS.index(rec["answer"])])
+        right = rec["options"][choices.LETTERS.index(rec["answer"])]
+        return image_of(task), rec["question"], answer_turn(right)
     raise ValueError(f"kind={kind!r}; choose one of {PRETRAIN_KINDS}")
 
 

@@ -40,8 +40,10 @@ def forced_trajectory(sampler: Sampler, prompt: Prompt, turns: Sequence[str]) ->
     prompt_ids = (list(prompt.prompt_ids) if prompt.prompt_ids is not None
                   else sampler.render(prompt.question, first.num_tokens))
     if len(prompt_ids) > cfg.max_prompt_tokens:
-        raise ValueError(f"prompt of {len(prompt_ids)} tokens exceeds max_prompt_tokens={cfg.max_prompt_tokens}")
-    tcfg = registry.ToolConfig(original_hw=(pil.height, pil.width), resized_hw=tuple(int(v) for v in first.resized_hw),
+        raise ValueError(f"prompt of {len(prompt_ids)} tokens exceeds max_prompt_tokens="
+                         f"{cfg.max_prompt_tokens}")
+    tcfg = registry.ToolConfig(original_hw=(pil.height, pil.width),
+                               resized_hw=tuple(int(v) for v in first.resized_hw),
                                tools=cfg.tools or ("zoom",), box_frame=cfg.box_frame)
     response: list[int] = []
     source: list[int] = []
@@ -58,11 +60,13 @@ def forced_trajectory(sampler: Sampler, prompt: Prompt, turns: Sequence[str]) ->
         if parsed.kind == "answer":
             answer = parsed.answer
         if parsed.kind != "tool_call" or not cfg.tools:
-            stop = "answer" if parsed.kind == "answer" else ("no_tool_call" if cfg.tools else "tools_disabled")
+            ended = "no_tool_call" if cfg.tools else "tools_disabled"
+            stop = "answer" if parsed.kind == "answer" else ended
             continue
         result = registry.run_tool_call(parsed, pil, tcfg)
         calls.append(ToolCall(turn=i, raw=result.call_text, name=result.name, status=result.status,
-                              error=result.error, box_model=result.box_model, box_original=result.box_original))
+                              error=result.error, box_model=result.box_model,
+                              box_original=result.box_original))
         if len(texts) >= cfg.max_turns:
             stop = "max_turns"
             continue
