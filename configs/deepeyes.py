@@ -22,22 +22,24 @@ MODELS = {
 MESHES = {"fsdp": ((1, -1, 1), "fsdp"), "fsdp_tp": ((1, -1, 4), "fsdp_tp"), "data": ((-1, 1, 1), "data")}
 
 
-def _parse(arg: str) -> dict[str, str]:
-    out = {"model": "tiny", "mesh": "fsdp"}
+def parse_arg(arg: str, choices: dict[str, tuple[str, ...]], defaults: dict[str, str]) -> dict[str, str]:
+    """The `key=value,...` suffix of `--config=FILE:ARG`, each key one of `choices` (values checked)."""
+    out = dict(defaults)
     for part in filter(None, (arg or "").split(",")):
         key, _, value = part.partition("=")
-        if key not in out:
-            raise ValueError(f"unknown config argument {key!r} in {arg!r}; use model=... and mesh=...")
+        if key not in choices:
+            use = " and ".join(f"{k}=..." for k in choices)
+            raise ValueError(f"unknown config argument {key!r} in {arg!r}; use {use}")
         out[key] = value
-    if out["model"] not in MODELS:
-        raise ValueError(f"model={out['model']!r}; choose one of {sorted(MODELS)}")
-    if out["mesh"] not in MESHES:
-        raise ValueError(f"mesh={out['mesh']!r}; choose one of {sorted(MESHES)}")
+    for key, allowed in choices.items():
+        if out[key] not in allowed:
+            raise ValueError(f"{key}={out[key]!r}; choose one of {list(allowed)}")
     return out
 
 
 def get_config(arg: str = "model=tiny") -> ml_collections.ConfigDict:
-    a = _parse(arg)
+    a = parse_arg(arg, {"model": tuple(sorted(MODELS)), "mesh": tuple(sorted(MESHES))},
+                  {"model": "tiny", "mesh": "fsdp"})
     preset, tiny = MODELS[a["model"]], a["model"] == "tiny"
     c = ml_collections.ConfigDict()
     c.seed = 0

@@ -17,36 +17,25 @@ import os
 import ml_collections
 
 
-def _deepeyes_config(arg: str) -> ml_collections.ConfigDict:
-    """configs/deepeyes.py's get_config (loaded by path: configs/ is not a package)."""
+def _deepeyes():
+    """The configs/deepeyes.py module (loaded by path: configs/ is not a package)."""
     spec = importlib.util.spec_from_file_location("_deepeyes_config",
                                                   os.path.join(os.path.dirname(__file__), "deepeyes.py"))
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    return module.get_config(arg)
+    return module
+
 
 VARIANTS = ("conditional", "none", "unconditional")
 SIZES = ("full", "ci")
 
 
-def _parse(arg: str) -> dict[str, str]:
-    out = {"variant": "conditional", "size": "full"}
-    for part in filter(None, (arg or "").split(",")):
-        key, _, value = part.partition("=")
-        if key not in out:
-            raise ValueError(f"unknown config argument {key!r} in {arg!r}; use variant=... and size=...")
-        out[key] = value
-    if out["variant"] not in VARIANTS:
-        raise ValueError(f"variant={out['variant']!r}; choose one of {VARIANTS}")
-    if out["size"] not in SIZES:
-        raise ValueError(f"size={out['size']!r}; choose one of {SIZES}")
-    return out
-
-
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
     from deepeyes_jax.minivstar import tasks
 
-    a = _parse(arg)
+    deepeyes = _deepeyes()
+    a = deepeyes.parse_arg(arg, {"variant": VARIANTS, "size": SIZES},
+                           {"variant": "conditional", "size": "full"})
     ci = a["size"] == "ci"
     c = ml_collections.ConfigDict()
     c.label = f"tool reward: {a['variant']}" + (" (ci)" if ci else "")
@@ -79,7 +68,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     c.eval.media_max_side = 256
     c.eval.view_items = 48
 
-    g = _deepeyes_config("model=tiny")
+    g = deepeyes.get_config("model=tiny")
     g.steps = 2 if ci else 60
     g.data.source = "minivstar"
     g.data.minivstar_items = c.data.train_items

@@ -63,16 +63,19 @@ def episodes(sampler: Sampler, tasks: Sequence[tasks_lib.Task], rng: np.random.G
         tasks_lib.format_turns(t, rng, zoom_prob))) for t in picked]
 
 
-def captions(sampler: Sampler, tasks: Sequence[tasks_lib.Task], rng: np.random.Generator, n: int,
-             weights: Sequence[float]) -> list[Trajectory]:
-    """`n` pretraining captions (`sampler` renders without tools: no system prompt, no suffix).
+def caption_pools(tasks: Sequence[tasks_lib.Task]) -> dict[str, Sequence[int]]:
+    """Per caption kind, the tasks it can draw from: grounding from attribute scenes (their frames
+    tell cards apart), full-view questions from zoom-free items, crops from any scene."""
+    return {"crop": range(len(tasks)),
+            "ground": [i for i, t in enumerate(tasks) if len(t.annotation["synthetic"]["targets"]) == 1],
+            "full_view": [i for i, t in enumerate(tasks) if not t.zoom_needed]}
 
-    Grounding draws from attribute scenes (their frames tell cards apart), full-view questions from
-    zoom-free items, crops from any scene.
-    """
-    pools = {"crop": range(len(tasks)),
-             "ground": [i for i, t in enumerate(tasks) if len(t.annotation["synthetic"]["targets"]) == 1],
-             "full_view": [i for i, t in enumerate(tasks) if not t.zoom_needed]}
+
+def captions(sampler: Sampler, tasks: Sequence[tasks_lib.Task], rng: np.random.Generator, n: int,
+             weights: Sequence[float], pools: dict[str, Sequence[int]] | None = None) -> list[Trajectory]:
+    """`n` pretraining captions (`sampler` renders without tools: no system prompt, no suffix), their
+    kinds drawn with `weights` from `pools` (default `caption_pools(tasks)`)."""
+    pools = caption_pools(tasks) if pools is None else pools
     p = np.asarray(weights, np.float64) / np.sum(weights)
     out = []
     for kind in rng.choice(tasks_lib.PRETRAIN_KINDS, size=n, p=p):
@@ -103,12 +106,13 @@ def train(pre: Pretrained, tasks: Sequence[tasks_lib.Task], rollout: RolloutConf
     plain = Sampler(pre.model, pre.tokenizer, pre.image_processor,
                     dataclasses.replace(rollout, tools=(), max_turns=1))
     rng = np.random.default_rng(cfg.seed)
+    pools = caption_pools(tasks)
     programs = {}
     for step in range(cfg.pretrain_steps + cfg.steps):
         t0 = time.perf_counter()
         pretraining = step < cfg.pretrain_steps
         if pretraining:
-            trajs = captions(plain, tasks, rng, cfg.pretrain_batch, cfg.kinds)
+            trajs = captions(plain, tasks, rng, cfg.pretrain_batch, cfg.kinds, pools)
         else:
             trajs = episodes(sampler, tasks, rng, cfg.batch, cfg.zoom_prob)
         t1 = time.perf_counter()

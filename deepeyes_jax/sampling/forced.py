@@ -19,8 +19,8 @@ from PIL import Image
 
 from deepeyes_jax.model import rope
 from deepeyes_jax.sampling import engine
-from deepeyes_jax.sampling.rollout import Prompt, Sampler, ToolCall, Trajectory
-from deepeyes_jax.tools import observation, parsing, registry
+from deepeyes_jax.sampling.rollout import Prompt, Sampler, Trajectory
+from deepeyes_jax.tools import parsing
 
 
 def forced_trajectory(sampler: Sampler, prompt: Prompt, turns: Sequence[str]) -> Trajectory:
@@ -42,9 +42,7 @@ def forced_trajectory(sampler: Sampler, prompt: Prompt, turns: Sequence[str]) ->
     if len(prompt_ids) > cfg.max_prompt_tokens:
         raise ValueError(f"prompt of {len(prompt_ids)} tokens exceeds max_prompt_tokens="
                          f"{cfg.max_prompt_tokens}")
-    tcfg = registry.ToolConfig(original_hw=(pil.height, pil.width),
-                               resized_hw=tuple(int(v) for v in first.resized_hw),
-                               tools=cfg.tools or ("zoom",), box_frame=cfg.box_frame)
+    tcfg = sampler.tool_config(pil, first)
     response: list[int] = []
     source: list[int] = []
     images, pil_images, calls, texts = [first], [pil], [], []
@@ -63,15 +61,12 @@ def forced_trajectory(sampler: Sampler, prompt: Prompt, turns: Sequence[str]) ->
             ended = "no_tool_call" if cfg.tools else "tools_disabled"
             stop = "answer" if parsed.kind == "answer" else ended
             continue
-        result = registry.run_tool_call(parsed, pil, tcfg)
-        calls.append(ToolCall(turn=i, raw=result.call_text, name=result.name, status=result.status,
-                              error=result.error, box_model=result.box_model,
-                              box_original=result.box_original))
+        call, result = sampler.call_tool(parsed, pil, tcfg, i)
+        calls.append(call)
         if len(texts) >= cfg.max_turns:
             stop = "max_turns"
             continue
-        crop = sampler.processor(result.image) if result.ok else None
-        obs, _ = observation.observation_ids(result, tok, crop.num_tokens if crop else None, close_turn=True)
+        crop, obs = sampler.observe(result, close_turn=True)
         response += obs
         source += [engine.OBSERVATION] * len(obs)
         if crop is not None:

@@ -193,6 +193,31 @@ class Sampler:
                         {"role": "user", "content": "<image>\n" + question + prompts.USER_SUFFIX_V2}]
         return self.tokenizer.encode_chat(messages, [num_image_tokens])
 
+    # -------------------------------------------------------------------------------- tools
+
+    def tool_config(self, original: Image.Image, processed: ProcessedImage) -> registry.ToolConfig:
+        """Tool settings of an episode about `original`, seen by the model as `processed`."""
+        return registry.ToolConfig(original_hw=(original.height, original.width),
+                                   resized_hw=tuple(int(v) for v in processed.resized_hw),
+                                   tools=self.config.tools or ("zoom",), box_frame=self.config.box_frame)
+
+    @staticmethod
+    def call_tool(parsed: parsing.ParsedTurn, original: Image.Image, tcfg: registry.ToolConfig,
+                  turn: int) -> tuple[ToolCall, registry.ToolResult]:
+        """Runs the tool call of turn `turn` on the original image: its record and its result."""
+        result = registry.run_tool_call(parsed, original, tcfg)
+        return ToolCall(turn=turn, raw=result.call_text, name=result.name, status=result.status,
+                        error=result.error, box_model=result.box_model,
+                        box_original=result.box_original), result
+
+    def observe(self, result: registry.ToolResult,
+                close_turn: bool) -> tuple[ProcessedImage | None, list[int]]:
+        """The processed crop (None for an error) and the observation ids that follow a tool call."""
+        crop = self.processor(result.image) if result.ok else None
+        obs, _ = observation.observation_ids(result, self.tokenizer, crop.num_tokens if crop else None,
+                                             close_turn=close_turn)
+        return crop, obs
+
     def _vision(self, images: Sequence[ProcessedImage]):
         """Bucketed VisionInputs for images (None when there are none) and their merged grids."""
         merge = self.model.cfg.vision.spatial_merge_size
@@ -273,12 +298,9 @@ class Sampler:
         rows = []
         for r in range(b):
             g = r // num_samples
-            im = processed[g]
-            tcfg = registry.ToolConfig(original_hw=(originals[g].height, originals[g].width),
-                                       resized_hw=tuple(int(v) for v in im.resized_hw),
-                                       tools=cfg.tools or ("zoom",), box_frame=cfg.box_frame)
-            rows.append(_Row(original=originals[g], tool_config=tcfg, images=[im],
-                             pil_images=[originals[g]], forced=list(forced[r] or []) if forced else []))
+            rows.append(_Row(original=originals[g], tool_config=self.tool_config(originals[g], processed[g]),
+                             images=[processed[g]], pil_images=[originals[g]],
+                             forced=list(forced[r] or []) if forced else []))
         f, fl = self._forced_array([row.forced[0] if row.forced else None for row in rows])
         state = engine.set_forced(state, jnp.asarray(f), jnp.asarray(fl))
 
@@ -330,17 +352,12 @@ class Sampler:
         if not cfg.tools:
             row.stop_reason = "tools_disabled"
             return
-        turn = len(row.turns) - 1
-        result = registry.run_tool_call(parsed, row.original, row.tool_config)
-        row.tool_calls.append(ToolCall(turn=turn, raw=result.call_text, name=result.name,
-                                       status=result.status, error=result.error,
-                                       box_model=result.box_model, box_original=result.box_original))
+        call, result = self.call_tool(parsed, row.original, row.tool_config, len(row.turns) - 1)
+        row.tool_calls.append(call)
         if len(row.turns) >= cfg.max_turns:
             row.stop_reason = "max_turns"
             return
-        crop = self.processor(result.image) if result.ok else None
-        obs, _ = observation.observation_ids(result, self.tokenizer, crop.num_tokens if crop else None,
-                                             close_turn=stop == engine.TOOL_PAUSE)
+        crop, obs = self.observe(result, close_turn=stop == engine.TOOL_PAUSE)
         # The observation plus at least one token of the next turn must fit in the budget.
         if resp_len + len(obs) + 1 > cfg.max_response_tokens:
             row.stop_reason = "observation_overflow"
