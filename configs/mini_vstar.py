@@ -52,14 +52,17 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     c.model.vision_hidden, c.model.vision_depth = 64, 4
 
     c.format = ml_collections.ConfigDict()
-    c.format.pretrain_steps = 3 if ci else 100
+    c.format.pretrain_steps = 3 if ci else 150
     c.format.pretrain_batch = 4 if ci else 32
-    c.format.steps = 2 if ci else 100
+    c.format.kinds = (0.6, 0.2, 0.2)  # crop, ground, full_view captions (one kind per step)
+    c.format.steps = 2 if ci else 120
     c.format.batch = 4 if ci else 16
     c.format.micro_batches = 1
-    c.format.lr = 1e-3
+    c.format.lr = 1.5e-3
     c.format.zoom_prob = 0.5
     c.format.log_every = 1 if ci else 20
+    c.format.probe_prompts = 2 if ci else 16  # sampled behaviour of the format model (run.py)
+    c.format.probe_samples = 2 if ci else 4
 
     c.eval = ml_collections.ConfigDict()
     c.eval.orders = ("shuffled",)

@@ -5,6 +5,7 @@ import json
 import os
 import subprocess
 import sys
+import types
 
 import jax
 import jax.numpy as jnp
@@ -38,7 +39,7 @@ def test_tokenizer_keeps_qwen_special_tokens_and_splits_digits(tmp_path):
     assert tok.special.image_pad == tok_lib.token_id("<|image_pad|>") == tok_lib.BASE_VOCAB + 12
     digits = tok.encode("[126, 56]")
     assert [tok.decode([i]) for i in digits] == ["[", "1", "2", "6", ",", " ", "5", "6", "]"]
-    text = tasks.zoom_turn([63, 56, 126, 112]) + tasks.answer_turn("C")
+    text = tasks.zoom_turn([63, 56, 126, 112], tasks.think_zoom("purple")) + tasks.answer_turn("C")
     assert tok.decode(tok.encode(text)) == text
     assert len(tok.encode(tasks.SYSTEM_PROMPT)) < 100  # the point of the short prompt
     assert tok_lib.build().to_str() == tok_lib.build().to_str()  # deterministic
@@ -74,6 +75,13 @@ def test_tile_cards_fill_their_tiles_and_tints_differ():
             assert tx <= x and x + w <= tx + tw and ty <= y and y + h <= ty + th
             # the tile box grounds the card
             assert metrics.iou([tx, ty, tx + tw, ty + th], [x, y, x + w, y + h]) >= 0.6
+            if len(ann["synthetic"]["targets"]) == 1:  # attribute scenes: a frame colour's own tile
+                assert card["tile"] == synthetic_vstar.FRAME_TILES[card["frame"]]
+    relative = [synthetic_vstar.make_item(i, 0, cfg)[2]["synthetic"] for i in range(40)]
+    relative = [s for s in relative if len(s["targets"]) == 2]
+    assert len({tuple(c["tile"] for c in s["cards"]) for s in relative}) > 2  # placed anywhere
+    with pytest.raises(ValueError, match="frame_tiles=True"):
+        synthetic_vstar.SyntheticConfig(frame_tiles=True)
 
 
 def test_records_route_rewards_and_shuffle_options():
@@ -89,7 +97,7 @@ def test_records_route_rewards_and_shuffle_options():
     assert len({t.record["answer"] for t in ts}) > 1
 
 
-def test_format_turns_zoom_a_random_card_and_read_the_last_view():
+def test_format_turns_zoom_a_random_named_card_and_read_the_last_view():
     ts = tasks.make_tasks(40, seed=4)
     rng = np.random.default_rng(0)
     zoomed, hits = 0, 0
@@ -108,6 +116,7 @@ def test_format_turns_zoom_a_random_card_and_read_the_last_view():
             call = json.loads(turns[0].split("<tool_call>\n")[1].split("\n</tool_call>")[0])
             tile = [tasks.tile_box(i) for i in range(12)].index(call["arguments"]["bbox_2d"])
             card = next(c for c in syn["cards"] if c["tile"] == tile)  # a box around some card
+            assert turns[0].startswith(f"<think>{tasks.think_zoom(card['frame'])}</think>")  # named
             if len(syn["targets"]) == 1:  # it reads the card it zoomed into, asked about or not
                 assert said == card["stripes"]
                 hits += card is syn["cards"][syn["targets"][0]]
@@ -127,8 +136,8 @@ def test_pretrain_captions_show_what_the_view_holds(base_dir):
     _, question, turn = tasks.pretrain_example(attr, "ground", rng)
     frame = question.split("with the ")[1].split(" frame")[0]
     card = next(c for c in attr.annotation["synthetic"]["cards"] if c["frame"] == frame)
-    said = json.loads(turn.split("<answer>")[1].split("</answer>")[0])
-    assert said["bbox_2d"] == tasks.tile_box(card["tile"])
+    assert turn.endswith("<|im_end|>")  # bare JSON, as Qwen2.5-VL grounds
+    assert json.loads(turn.removesuffix("<|im_end|>"))["bbox_2d"] == tasks.tile_box(card["tile"])
     need = next(t for t in ts if t.zoom_needed)
     with pytest.raises(ValueError, match="zoom-free"):
         tasks.pretrain_example(need, "full_view", rng)
@@ -137,11 +146,15 @@ def test_pretrain_captions_show_what_the_view_holds(base_dir):
     mesh = sharding.make_mesh((1, -1, 1))
     pre = checkpoint.load_pretrained(base_dir, mesh=mesh, rules=sharding.get_rules("fsdp"))
     plain = Sampler(pre.model, pre.tokenizer, pre.image_processor, RolloutConfig(tools=(), max_turns=1))
-    caps = format_stage.captions(plain, ts, np.random.default_rng(0), 12, (1, 1, 1))
+    caps = [c for kind in tasks.PRETRAIN_KINDS
+            for c in format_stage.captions(plain, ts, np.random.default_rng(0), 4, kind)]
+    with pytest.raises(KeyError):
+        format_stage.captions(plain, ts, np.random.default_rng(0), 4, "caption")
     for c in caps:  # no system prompt, no tool protocol: one user turn with the image, one answer
         text = pre.tokenizer.decode(c.prompt_ids.tolist())
         assert "# Tools" not in text and "<|vision_start|>" in text and len(c.images) == 1
-        assert (c.action_mask == 1).all() and c.stop_reason == "answer"
+        assert (c.action_mask == 1).all() and c.stop_reason in ("answer", "no_tool_call")  # grounding: bare
+    assert sum(c.stop_reason == "no_tool_call" for c in caps) == 4
 
 
 def _format_setup(base_dir):
@@ -157,7 +170,7 @@ def test_host_built_episodes_equal_the_samplers_forced_rollouts(base_dir):
     ts = tasks.make_tasks(6, seed=1)
     rng = np.random.default_rng(0)
     turns = [tasks.format_turns(t, rng, 0.6) for t in ts]
-    turns[0] = [tasks.zoom_turn([0, 0, 5, 5]), tasks.answer_turn("red and cyan")]  # a failing call
+    turns[0] = [tasks.zoom_turn([0, 0, 5, 5], "x"), tasks.answer_turn("red and cyan")]  # a failing call
     prompts = [Prompt(image=tasks.image_of(t), question=t.record["question"]) for t in ts]
     with jax.set_mesh(mesh):
         ref = sampler(prompts, 1, Greedy(), jax.random.key(0), forced=turns)
@@ -183,7 +196,8 @@ def test_format_episodes_mask_exactly_the_forced_tokens(base_dir):
         forced_ids = t.response_ids[t.action_mask > 0]
         assert (t.action_mask == (t.source == engine.FORCED)).all()
         text = pre.tokenizer.decode(forced_ids.tolist())
-        assert text.startswith("<think>" + tasks.THINK_ZOOM) and text.endswith("</answer><|im_end|>")
+        assert text.startswith("<think>Zoom in on the card with the ")
+        assert text.endswith("</answer><|im_end|>")
 
 
 def test_weighted_nll_is_the_negative_log_likelihood_gradient():
@@ -226,3 +240,32 @@ def test_shortened_mini_vstar_and_ablation_end_to_end(tmp_path):
                 f"--workdir={abl}", f"--shared={run_dir}", "--variants=none"])
     assert (abl / "ablation.png").is_file() and "| none |" in (abl / "ablation.md").read_text()
     assert not (abl / "common").exists()  # the shared stages were reused, not redone
+
+
+def test_probe_counts_failed_calls_named_boxes_and_target_zooms():
+    ts = [t for t in tasks.make_tasks(30, seed=3) if len(t.annotation["synthetic"]["targets"]) == 1][:2]
+
+    def rollout(task, card, box=None, fail=False, answer=None):
+        if card is None:
+            return types.SimpleNamespace(tool_calls=[], turns=[tasks.answer_turn("x")], answer=answer)
+        box = tasks.tile_box(card["tile"]) if box is None else box
+        call = types.SimpleNamespace(turn=0, status="error" if fail else "ok",
+                                     box_model=None if fail else box)
+        return types.SimpleNamespace(tool_calls=[call], answer=answer,
+                                     turns=[tasks.zoom_turn(box, tasks.think_zoom(card["frame"])), "a"])
+
+    def fake_sampler(prompts, n, method, key):
+        assert n == 4 and method.temperature == 0.5 and len(prompts) == 2
+        out = []
+        for t in ts:
+            cards = t.annotation["synthetic"]["cards"]
+            target, other = cards[0], cards[1]  # targets == [0]
+            out += [rollout(t, target, answer=tasks.right_option(t)),  # named, on target, right
+                    rollout(t, other, box=tasks.tile_box(target["tile"])),  # names one card, zooms another
+                    rollout(t, other, fail=True),
+                    rollout(t, None, answer="no")]
+        return out
+
+    p = format_stage.probe(fake_sampler, ts, 2, 4, 0.5)
+    assert p == {"tool_failed_frac": 2 / 6, "zoom_rate": 6 / 8, "answered": 4 / 8, "accuracy": 2 / 8,
+                 "box_follows_name": 2 / 4, "zoom_on_target": 4 / 4, "calls": 6.0}

@@ -51,6 +51,9 @@ PAIRS: dict[str, tuple[RGB, RGB]] = {
 }
 FRAMES: dict[str, RGB] = {"red": (235, 40, 40), "green": (40, 200, 70), "blue": (60, 90, 255),
                           "yellow": (250, 230, 40), "white": (250, 250, 250), "purple": (170, 70, 230)}
+# With `frame_tiles`, the tile (row-major in the 4 x 3 lattice) each frame colour's card sits in: two per
+# row, spread over the columns.
+FRAME_TILES: dict[str, int] = {"red": 0, "green": 2, "blue": 5, "yellow": 7, "white": 8, "purple": 10}
 NEUTRALS: tuple[RGB, ...] = ((128, 128, 128), (250, 250, 250), (0, 0, 0))
 META_FILE = "synthetic_vstar.json"
 ZOOM_MIN_SIDE = 31  # the crop tool accepts boxes with min side > 30 px
@@ -73,6 +76,10 @@ class SyntheticConfig:
         rows) lattice; each card fills `tile_fill` of its tile's shorter side, and each tile has its own
         flat dark background tint (see `tile_tint`). Relative items are then always zoom-free (two cards
         in one crop would not be resolved), and the tool's natural coarse box is a tile.
+      frame_tiles: (layout="tiles", 4 x 3) attribute scenes put each card in its frame colour's own tile
+        (`FRAME_TILES`), so where the card a question names sits is a fact to recall, not a visual
+        search. The Mini-V* model, trained from scratch for minutes, cannot learn visual search;
+        which card to look at, and when, is still its to find.
     """
 
     height: int = 1008
@@ -90,8 +97,12 @@ class SyntheticConfig:
     layout: str = "free"
     tiles: tuple[int, int] = (4, 3)
     tile_fill: tuple[float, float] = (0.8, 0.9)
+    frame_tiles: bool = False
 
     def __post_init__(self):
+        if self.frame_tiles and (self.layout != "tiles" or tuple(self.tiles) != (4, 3)):
+            raise ValueError(f"frame_tiles=True needs layout='tiles' with tiles=(4, 3), got "
+                             f"layout={self.layout!r}, tiles={self.tiles}")
         if self.layout not in ("free", "tiles"):
             raise ValueError(f"layout={self.layout!r}; choose 'free' or 'tiles'")
         if self.layout == "tiles" and (self.width % self.tiles[0] or self.height % self.tiles[1]):
@@ -336,6 +347,8 @@ def _tiles_item(rng: np.random.Generator, cfg: SyntheticConfig, zoom_needed: boo
         frames = [list(FRAMES)[i] for i in rng.permutation(len(FRAMES))]
         k = 1 + int(rng.integers(cfg.distractors[0], cfg.distractors[1] + 1))
         card_tiles = [int(t) for t in rng.permutation(cols * rows)[:k]]
+        if cfg.frame_tiles:
+            card_tiles = [FRAME_TILES[f] for f in frames[:k]]
         cards = [_tile_card(rng, cfg, t, frames[i], pairs[int(rng.integers(len(pairs)))],
                             zoom_needed if i == 0 else bool(rng.random() < 0.7))
                  for i, t in enumerate(card_tiles)]

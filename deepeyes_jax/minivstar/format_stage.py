@@ -28,24 +28,27 @@ from deepeyes_jax.model import sharding
 from deepeyes_jax.model.checkpoint import Pretrained
 from deepeyes_jax.rl import batch as batch_lib
 from deepeyes_jax.rl import step as step_lib
-from deepeyes_jax.sampling import Prompt, RolloutConfig, Sampler, Trajectory, engine, forced
+from deepeyes_jax.sampling import Prompt, RolloutConfig, Sample, Sampler, Trajectory, engine, forced
 
 
 @dataclasses.dataclass(frozen=True)
 class FormatConfig:
     """`pretrain_steps` x `pretrain_batch` captions, then `steps` x `batch` protocol episodes, at
-    learning rate `lr`; `zoom_prob` of the episodes zoom (see tasks.py). `kinds` weighs the caption
-    kinds (tasks.PRETRAIN_KINDS)."""
+    learning rate `lr`; `zoom_prob` of the episodes zoom (see tasks.py). Each caption step trains on
+    one kind (tasks.PRETRAIN_KINDS), drawn with the weights `kinds`."""
 
     steps: int = 60
     batch: int = 16
     pretrain_steps: int = 150
     pretrain_batch: int = 32
-    kinds: tuple[float, float, float] = (0.4, 0.3, 0.3)
+    kinds: tuple[float, float, float] = (0.6, 0.2, 0.2)
     lr: float = 1e-3
     zoom_prob: float = 0.5
     seed: int = 0
     micro_batches: int = 1
+
+
+KINDS = (*tasks_lib.PRETRAIN_KINDS, "protocol")  # what a format step trains on
 
 
 def forced_only(traj: Trajectory) -> Trajectory:
@@ -72,21 +75,60 @@ def caption_pools(tasks: Sequence[tasks_lib.Task]) -> dict[str, Sequence[int]]:
 
 
 def captions(sampler: Sampler, tasks: Sequence[tasks_lib.Task], rng: np.random.Generator, n: int,
-             weights: Sequence[float], pools: dict[str, Sequence[int]] | None = None) -> list[Trajectory]:
-    """`n` pretraining captions (`sampler` renders without tools: no system prompt, no suffix), their
-    kinds drawn with `weights` from `pools` (default `caption_pools(tasks)`)."""
+             kind: str, pools: dict[str, Sequence[int]] | None = None) -> list[Trajectory]:
+    """`n` pretraining captions of one `kind` (`sampler` renders without tools: no system prompt, no
+    suffix) from `pools` (default `caption_pools(tasks)`). One kind per batch keeps the batch's
+    lengths alike: crops and grounding fit 128 tokens, full-view questions with options need 256."""
     pools = caption_pools(tasks) if pools is None else pools
-    p = np.asarray(weights, np.float64) / np.sum(weights)
+    pool = pools[kind]
+    if not len(pool):
+        raise ValueError(f"no training item supports {kind} captions; add items or drop the kind")
     out = []
-    for kind in rng.choice(tasks_lib.PRETRAIN_KINDS, size=n, p=p):
-        pool = pools[str(kind)]
-        if not len(pool):
-            raise ValueError(f"no training item supports {kind} captions; add items or drop the kind")
-        image, question, answer = tasks_lib.pretrain_example(tasks[pool[int(rng.integers(len(pool)))]],
-                                                             str(kind), rng)
+    for i in rng.integers(len(pool), size=n):
+        image, question, answer = tasks_lib.pretrain_example(tasks[pool[int(i)]], kind, rng)
         out.append(forced_only(forced.forced_trajectory(sampler, Prompt(image=image, question=question),
                                                         [answer])))
     return out
+
+
+def probe(sampler: Sampler, tasks: Sequence[tasks_lib.Task], prompts: int, samples: int, temperature: float,
+          seed: int = 0) -> dict[str, float]:
+    """How the model behaves when *sampled* as GRPO will sample it: `samples` rollouts of each of the
+    first `prompts` tasks at `temperature`.
+
+    Returns the share of tool calls that fail (`tool_failed_frac`: malformed JSON or boxes), the zoom
+    rate, the share of answered rollouts, the accuracy, the share of successful zooms whose box is the
+    tile of the card their reasoning names (`box_follows_name`), and on attribute items the share of
+    zooms into the asked card's tile (`zoom_on_target`, chance 1/cards).
+    """
+    picked = list(tasks[:prompts])
+    trajs = sampler([Prompt(image=tasks_lib.image_of(t), question=t.record["question"]) for t in picked],
+                    samples, Sample(temperature=temperature), jax.random.key(seed))
+    calls = failed = ok = follows = attr_zooms = on_target = answered = correct = zoomed = 0
+    for i, tr in enumerate(trajs):
+        task = picked[i // samples]
+        syn = task.annotation["synthetic"]
+        tiles = {c["frame"]: tasks_lib.tile_box(c["tile"]) for c in syn["cards"]}
+        target = syn["cards"][syn["targets"][0]]
+        zoomed += bool(tr.tool_calls)
+        for call in tr.tool_calls:
+            calls += 1
+            if call.status != "ok":
+                failed += 1
+                continue
+            ok += 1
+            box = [round(v) for v in call.box_model]
+            named = [f for f in tiles if tasks_lib.think_zoom(f) in tr.turns[call.turn]]
+            follows += bool(named) and box == tiles[named[0]]
+            if len(syn["targets"]) == 1:
+                attr_zooms += 1
+                on_target += box == tasks_lib.tile_box(target["tile"])
+        answered += tr.answer is not None
+        correct += tr.answer is not None and tr.answer.strip() == tasks_lib.right_option(task)
+    n = len(trajs)
+    return {"tool_failed_frac": failed / max(calls, 1), "zoom_rate": zoomed / n, "answered": answered / n,
+            "accuracy": correct / n, "box_follows_name": follows / max(ok, 1),
+            "zoom_on_target": on_target / max(attr_zooms, 1), "calls": float(calls)}
 
 
 def train(pre: Pretrained, tasks: Sequence[tasks_lib.Task], rollout: RolloutConfig, cfg: FormatConfig,
@@ -111,8 +153,10 @@ def train(pre: Pretrained, tasks: Sequence[tasks_lib.Task], rollout: RolloutConf
     for step in range(cfg.pretrain_steps + cfg.steps):
         t0 = time.perf_counter()
         pretraining = step < cfg.pretrain_steps
+        kind = "protocol"
         if pretraining:
-            trajs = captions(plain, tasks, rng, cfg.pretrain_batch, cfg.kinds, pools)
+            kind = str(rng.choice(tasks_lib.PRETRAIN_KINDS, p=np.asarray(cfg.kinds) / np.sum(cfg.kinds)))
+            trajs = captions(plain, tasks, rng, cfg.pretrain_batch, kind, pools)
         else:
             trajs = episodes(sampler, tasks, rng, cfg.batch, cfg.zoom_prob)
         t1 = time.perf_counter()
@@ -125,6 +169,7 @@ def train(pre: Pretrained, tasks: Sequence[tasks_lib.Task], rollout: RolloutConf
         if log is not None:
             log(step + 1, {"format/nll": m["update/loss"], "format/grad_norm": m["update/grad_norm"],
                            "format/pretraining": float(pretraining),
+                           **{f"format/kind/{k}": float(k == kind) for k in KINDS},
                            "format/zoom_frac": float(np.mean([len(t.images) > 1 for t in trajs])),
                            "format/tokens": float(batch.attention_mask.size),
                            "time/build": t1 - t0, "time/update": t2 - t1, "time/step": t2 - t0})

@@ -94,13 +94,22 @@ def format_model(c: ml_collections.ConfigDict, workdir: str, base: str, mesh, ru
 
     fcfg = format_stage.FormatConfig(steps=c.format.steps, batch=c.format.batch,
                                      pretrain_steps=c.format.pretrain_steps,
-                                     pretrain_batch=c.format.pretrain_batch, lr=c.format.lr,
+                                     pretrain_batch=c.format.pretrain_batch, kinds=tuple(c.format.kinds),
+                                     lr=c.format.lr,
                                      zoom_prob=c.format.zoom_prob, seed=c.seed,
                                      micro_batches=c.format.micro_batches)
-    pre = format_stage.train(pre, tasks, trainer.rollout_config(c.grpo.rollout), fcfg, mesh, rules, log)
+    rollout = trainer.rollout_config(c.grpo.rollout)
+    pre = format_stage.train(pre, tasks, rollout, fcfg, mesh, rules, log)
     writer.close()
     pre.export(path)
-    _mark(path, {"seconds": time.time() - t0})
+    # How GRPO will find it: sampled at the GRPO temperature (the greedy evaluation hides sampling errors).
+    with jax.set_mesh(mesh):
+        probe = format_stage.probe(Sampler(pre.model, pre.tokenizer, pre.image_processor, rollout), tasks,
+                                   c.format.probe_prompts, c.format.probe_samples, c.grpo.rollout.temperature,
+                                   seed=c.seed)
+    _log("format stage sampled at temperature {}: {}".format(
+        c.grpo.rollout.temperature, ", ".join(f"{k} {v:.3f}" for k, v in probe.items())))
+    _mark(path, {"seconds": time.time() - t0, "probe": probe})
     return path
 
 

@@ -10,22 +10,24 @@ tool term); zoom-free items are `"minivstar_free"`, the same answer rules withou
 non-V* share of DeepEyes' mixture (ThinkLite) has none. Options are shuffled per item.
 
 The format stage's turns (`format_turns`) are what a pretrained VLM brings: the protocol, boxes that
-enclose objects, and reading what it sees; but not where or when to look. Each item is zoomed with
-probability `zoom_prob` whatever it needs, into the tile of a random card of the scene (a coarse box
-around some object), and the answer reports the last image the model looked at: after a zoom, the
-stripes of the card it zoomed into (relative items: an arbitrary option, one card cannot settle
-them); without one, the right option when the full view shows it (zoom-free items), else an
-arbitrary option. So the starting model zooms at random, reads whatever card it zoomed into, and is
-right only when that card happens to be the one asked about. Every zoom teaches reading a crop, and
-nothing ties the box to the question. Answers are the option's text, as DeepEyes' curated training
-answers are open-ended (the rule judge accepts a letter or the option text).
+enclose objects, reasoning that points at what it zooms into, and reading what it sees; but not where
+or when to look. Each item is zoomed with probability `zoom_prob` whatever it needs, into the tile of a
+random card of the scene (a coarse box around some object). The zoom turn's reasoning names that card
+by its frame ("Zoom in on the card with the red frame.") and the box is its tile, so the model learns
+to ground the card it names, and names one at random. The answer reports the last image the model
+looked at: after a zoom, the stripes of the card it zoomed into (relative items: an arbitrary option,
+one card cannot settle them); without one, the right option when the full view shows it (zoom-free
+items), else an arbitrary option. So the starting model zooms at random, reads whatever card it
+zoomed into, and is right only when that card happens to be the one asked about. Every zoom teaches
+reading a crop, and nothing ties the named card to the question: GRPO has to learn to name, and so
+zoom into, the card the question asks about, and when zooming pays. Answers are the option's text, as
+DeepEyes' curated training answers are open-ended (the rule judge accepts a letter or the option text).
 
 Before the protocol, `pretrain_example` gives the perception a pretrained VLM has, as short
-single-turn captions without the tool protocol (only the answer turn's wording is shared): the
-stripes of a card seen in a crop of its tile, the box (tile) of the card with a given frame
-(grounding, the `bbox_2d` JSON Qwen2.5-VL is trained to write), and the answer to a zoom-free
-question from the full view. Nothing there says to zoom, when, or that the box of the card a
-question names is the one to zoom into: GRPO has to find that.
+single-turn captions without the tool protocol: the stripes of a card seen in a crop of its tile, the
+box (tile) of the card with a given frame (grounding: the bare `bbox_2d` JSON Qwen2.5-VL is trained to
+write), and the answer to a zoom-free question from the full view. Nothing there says to zoom, when,
+or which card a question needs.
 """
 
 from __future__ import annotations
@@ -43,7 +45,8 @@ from deepeyes_jax.data import choices, schema
 from deepeyes_jax.data import synthetic_vstar as sv
 
 SYNTHETIC = sv.SyntheticConfig(height=756, width=1008, max_pixels=50176, layout="tiles", tiles=(4, 3),
-                               detail=0.9, zoom_needed_frac=0.75, relative_frac=0.2, distractors=(1, 2))
+                               detail=0.9, zoom_needed_frac=0.75, relative_frac=0.2, distractors=(1, 2),
+                               frame_tiles=True)
 FREE_SOURCE = "minivstar_free"
 # The V2 prompt's gist in two lines (the byte-exact V2 system prompt is 297 tokens of JSON schema
 # a model trained from scratch cannot read; it would be half of every CPU sequence). The user suffix
@@ -51,8 +54,12 @@ FREE_SOURCE = "minivstar_free"
 SYSTEM_PROMPT = ("You are a helpful assistant.\n\n# Tools\n"
                  "image_zoom_in_tool(bbox_2d=[x1, y1, x2, y2], label): "
                  "zoom in on a region of the image. Call it inside <tool_call></tool_call>.")
-THINK_ZOOM = "Zoom in on the card."
 THINK_ANSWER = "I can answer."
+
+
+def think_zoom(frame: str) -> str:
+    """The reasoning of a zoom turn: it names the card it zooms into (by its frame)."""
+    return f"Zoom in on the card with the {frame} frame."
 
 
 @dataclasses.dataclass(frozen=True)
@@ -102,7 +109,7 @@ def tile_box(tile: int, cfg: sv.SyntheticConfig = SYNTHETIC) -> list[int]:
     return [round(x * sx), round(y * sy), round((x + w) * sx), round((y + h) * sy)]
 
 
-def zoom_turn(box: list[int], think: str = THINK_ZOOM) -> str:
+def zoom_turn(box: list[int], think: str) -> str:
     call = {"name": "image_zoom_in_tool", "arguments": {"bbox_2d": box, "label": "card"}}
     return f"<think>{think}</think>\n<tool_call>\n{json.dumps(call)}\n</tool_call>"
 
@@ -111,18 +118,25 @@ def answer_turn(answer: str, think: str = THINK_ANSWER) -> str:
     return f"<think>{think}</think>\n<answer>{answer}</answer><|im_end|>"
 
 
+def right_option(task: Task) -> str:
+    """The text of the task's right option."""
+    rec = task.record
+    return rec["options"][choices.LETTERS.index(rec["answer"])]
+
+
 def format_turns(task: Task, rng: np.random.Generator, zoom_prob: float = 0.5,
                  cfg: sv.SyntheticConfig = SYNTHETIC) -> list[str]:
     """The teacher-forced assistant turns of one format-stage episode (see the module docstring);
     `cfg` is the generator configuration the task was made with."""
     rec, syn = task.record, task.annotation["synthetic"]
-    right = rec["options"][choices.LETTERS.index(rec["answer"])]
+    right = right_option(task)
     arbitrary = rec["options"][int(rng.integers(len(rec["options"])))]
     if rng.random() >= zoom_prob:
         return [answer_turn(right if not task.zoom_needed else arbitrary)]
     card = syn["cards"][int(rng.integers(len(syn["cards"])))]
     relative = len(syn["targets"]) > 1
-    return [zoom_turn(tile_box(card["tile"], cfg)), answer_turn(arbitrary if relative else card["stripes"])]
+    return [zoom_turn(tile_box(card["tile"], cfg), think_zoom(card["frame"])),
+            answer_turn(arbitrary if relative else card["stripes"])]
 
 
 CROP_QUESTION = "Which two colors make up the stripes on the card?"
@@ -130,7 +144,8 @@ PRETRAIN_KINDS = ("crop", "ground", "full_view")
 
 
 def grounding_text(box: list[int]) -> str:
-    return json.dumps({"bbox_2d": box, "label": "card"})
+    """A grounding answer as Qwen2.5-VL writes one (bare JSON, then the end of the turn)."""
+    return json.dumps({"bbox_2d": box, "label": "card"}) + "<|im_end|>"
 
 
 def pretrain_example(task: Task, kind: str, rng: np.random.Generator,
@@ -148,13 +163,11 @@ def pretrain_example(task: Task, kind: str, rng: np.random.Generator,
         return image_of(task).crop((x, y, x + w, y + h)), CROP_QUESTION, answer_turn(card["stripes"])
     if kind == "ground":
         return (image_of(task), f"Where is the card with the {card['frame']} frame?",
-                answer_turn(grounding_text(tile_box(card["tile"], cfg))))
+                grounding_text(tile_box(card["tile"], cfg)))
     if kind == "full_view":
         if task.zoom_needed:
             raise ValueError("full_view captions need a zoom-free item: the full view hides this answer")
-        rec = task.record
-        right = rec["options"][choices.LETTERS.index(rec["answer"])]
-        return image_of(task), rec["question"], answer_turn(right)
+        return image_of(task), task.record["question"], answer_turn(right_option(task))
     raise ValueError(f"kind={kind!r}; choose one of {PRETRAIN_KINDS}")
 
 
