@@ -5,7 +5,8 @@ rerun resumes (the GRPO stage resumes from its last Orbax checkpoint):
 
   heldout/            the held-out items in V* Bench's folder format (+ oracle.json)
   base/               the randomly initialised Hugging Face directory
-  format/             the model after the format stage (Hugging Face directory) + metrics.jsonl
+  format/             the model after the format stage (Hugging Face directory) + metrics.jsonl; its
+                      .done holds the stage's time and `format_stage.probe` of the model
   eval_start/         evaluation of format/ on heldout/ (results.json, results.md)
   grpo/               the GRPO run (metrics.jsonl, trajectories, Orbax checkpoints)
   eval_end/           evaluation of the last GRPO checkpoint on heldout/
