@@ -346,8 +346,8 @@ def _tiles_item(rng: np.random.Generator, cfg: SyntheticConfig, zoom_needed: boo
     else:
         frames = [list(FRAMES)[i] for i in rng.permutation(len(FRAMES))]
         k = 1 + int(rng.integers(cfg.distractors[0], cfg.distractors[1] + 1))
-        card_tiles = [int(t) for t in rng.permutation(cols * rows)[:k]]
-        if cfg.frame_tiles:
+        card_tiles = [int(t) for t in rng.permutation(cols * rows)[:k]]  # drawn either way: the rest
+        if cfg.frame_tiles:  # of the scene is the same with and without frame_tiles
             card_tiles = [FRAME_TILES[f] for f in frames[:k]]
         cards = [_tile_card(rng, cfg, t, frames[i], pairs[int(rng.integers(len(pairs)))],
                             zoom_needed if i == 0 else bool(rng.random() < 0.7))

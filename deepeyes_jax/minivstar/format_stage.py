@@ -23,6 +23,7 @@ import jax
 import numpy as np
 from flax import nnx
 
+from deepeyes_jax.data import choices
 from deepeyes_jax.minivstar import tasks as tasks_lib
 from deepeyes_jax.model import sharding
 from deepeyes_jax.model.checkpoint import Pretrained
@@ -124,7 +125,8 @@ def probe(sampler: Sampler, tasks: Sequence[tasks_lib.Task], prompts: int, sampl
                 attr_zooms += 1
                 on_target += box == tasks_lib.tile_box(target["tile"])
         answered += tr.answer is not None
-        correct += tr.answer is not None and tr.answer.strip() == tasks_lib.right_option(task)
+        correct += tr.answer is not None and (choices.answer_letter(tr.answer, task.record["options"])
+                                              == task.record["answer"])  # as the rule judge reads it
     n = len(trajs)
     return {"tool_failed_frac": failed / max(calls, 1), "zoom_rate": zoomed / n, "answered": answered / n,
             "accuracy": correct / n, "box_follows_name": follows / max(ok, 1),
