@@ -74,6 +74,12 @@ def test_positions_match_reference_rule(seed):
     got, got_d = fn(jnp.asarray(ids), jnp.asarray(mask), jnp.asarray(grid), IMG)
     np.testing.assert_array_equal(np.asarray(got), want)
     np.testing.assert_array_equal(np.asarray(got_d), want_d)
+    # The host (numpy) path gives the same, as numpy arrays.
+    host, host_d = rope.mrope_positions(ids, mask, rope.image_grid_hw(np.c_[np.ones(len(grid)), grid * 2], 2,
+                                                                      xp=np), IMG, xp=np)
+    assert isinstance(host, np.ndarray) and isinstance(host_d, np.ndarray)
+    np.testing.assert_array_equal(host, want)
+    np.testing.assert_array_equal(host_d, want_d)
 
 
 def test_text_only_and_decode_continuation():

@@ -15,6 +15,7 @@ log-likelihood. One jitted step serves both stages.
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import time
 from collections.abc import Callable, Sequence
@@ -151,29 +152,40 @@ def train(pre: Pretrained, tasks: Sequence[tasks_lib.Task], rollout: RolloutConf
                     dataclasses.replace(rollout, tools=(), max_turns=1))
     rng = np.random.default_rng(cfg.seed)
     pools = caption_pools(tasks)
-    programs = {}
-    for step in range(cfg.pretrain_steps + cfg.steps):
+
+    def build(step: int) -> tuple[str, list[Trajectory], batch_lib.TrainBatch, float]:
         t0 = time.perf_counter()
-        pretraining = step < cfg.pretrain_steps
-        kind = "protocol"
-        if pretraining:
+        if step < cfg.pretrain_steps:
             kind = str(rng.choice(tasks_lib.PRETRAIN_KINDS, p=np.asarray(cfg.kinds) / np.sum(cfg.kinds)))
             trajs = captions(plain, tasks, rng, cfg.pretrain_batch, kind, pools)
         else:
-            trajs = episodes(sampler, tasks, rng, cfg.batch, cfg.zoom_prob)
-        t1 = time.perf_counter()
+            kind, trajs = "protocol", episodes(sampler, tasks, rng, cfg.batch, cfg.zoom_prob)
         batch = batch_lib.pack(trajs, np.ones(len(trajs), np.float32), pre.config.vision, cfg.micro_batches)
-        compiled = step_lib.steps_for(programs, graphdef, state, batch, mesh, rules, ucfg, with_ref=False)
-        dev = jax.tree.map(lambda x, s: sharding.place(np.asarray(x), s), batch, compiled.batch_shardings)
-        state, m = compiled.update(state, dev, None)
-        m = {k: float(v) for k, v in jax.device_get(m).items()}
-        t2 = time.perf_counter()
-        if log is not None:
-            log(step + 1, {"format/nll": m["update/loss"], "format/grad_norm": m["update/grad_norm"],
-                           "format/pretraining": float(pretraining),
-                           **{f"format/kind/{k}": float(k == kind) for k in KINDS},
-                           "format/zoom_frac": float(np.mean([len(t.images) > 1 for t in trajs])),
-                           "format/tokens": float(batch.attention_mask.size),
-                           "time/build": t1 - t0, "time/update": t2 - t1, "time/step": t2 - t0})
+        return kind, trajs, batch, time.perf_counter() - t0
+
+    programs = {}
+    total = cfg.pretrain_steps + cfg.steps
+    # The host builds step n + 1's batch (tokenising, cropping, packing) while the device runs step n.
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        pending = pool.submit(build, 0) if total else None
+        for step in range(total):
+            t0 = time.perf_counter()
+            kind, trajs, batch, build_s = pending.result()
+            t1 = time.perf_counter()
+            compiled = step_lib.steps_for(programs, graphdef, state, batch, mesh, rules, ucfg, with_ref=False)
+            dev = jax.tree.map(lambda x, s: sharding.place(np.asarray(x), s), batch, compiled.batch_shardings)
+            state, m = compiled.update(state, dev, None)
+            if step + 1 < total:
+                pending = pool.submit(build, step + 1)
+            m = {k: float(v) for k, v in jax.device_get(m).items()}
+            t2 = time.perf_counter()
+            if log is not None:
+                log(step + 1, {"format/nll": m["update/loss"], "format/grad_norm": m["update/grad_norm"],
+                               "format/pretraining": float(step < cfg.pretrain_steps),
+                               **{f"format/kind/{k}": float(k == kind) for k in KINDS},
+                               "format/zoom_frac": float(np.mean([len(t.images) > 1 for t in trajs])),
+                               "format/tokens": float(batch.attention_mask.size),
+                               "time/build": build_s, "time/wait": t1 - t0, "time/update": t2 - t1,
+                               "time/step": t2 - t0})
     model, _ = nnx.merge(graphdef, state)
     return dataclasses.replace(pre, model=model)

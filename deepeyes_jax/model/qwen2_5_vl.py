@@ -143,5 +143,5 @@ def forward(model: Qwen25VL, input_ids, attention_mask=None, vision: VisionInput
     check_image_tokens(input_ids * attention_mask + (1 - attention_mask) * -1, n_feat,
                        model.cfg.image_token_id)
     grid_hw = (np.zeros((0, 2), np.int32) if image_grid_thw is None else
-               np.asarray(rope.image_grid_hw(image_grid_thw, model.cfg.vision.spatial_merge_size)))
+               rope.image_grid_hw(image_grid_thw, model.cfg.vision.spatial_merge_size, xp=np))
     return _forward(model, input_ids, attention_mask, grid_hw, vision)

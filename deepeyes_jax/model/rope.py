@@ -12,12 +12,14 @@ compiled function serves any interleaving of text and several images.
 
 from __future__ import annotations
 
+from typing import Any
+
 import jax
 import jax.numpy as jnp
 
 
 def mrope_positions(input_ids: jax.Array, attention_mask: jax.Array, image_grid_hw: jax.Array,
-                    image_token_id: int) -> tuple[jax.Array, jax.Array]:
+                    image_token_id: int, xp: Any = jnp) -> tuple[jax.Array, jax.Array]:
     """M-RoPE position ids for a batch.
 
     Args:
@@ -26,6 +28,8 @@ def mrope_positions(input_ids: jax.Array, attention_mask: jax.Array, image_grid_
       image_grid_hw: [I, 2] merged grid (h/2, w/2) of every image, in order of appearance in the batch
         (row by row). Extra rows beyond the images present are ignored.
       image_token_id: id of `<|image_pad|>`.
+      xp: the array module: `jnp` (in a jitted program) or `np` (on the host: eager `jnp` would
+        dispatch and compile each operation for each new length).
 
     Returns:
       positions [3, B, T] int32 and rope deltas [B] int32.
@@ -33,27 +37,27 @@ def mrope_positions(input_ids: jax.Array, attention_mask: jax.Array, image_grid_
     real = attention_mask.astype(bool)
     is_img = (input_ids == image_token_id) & real
     b, t = input_ids.shape
-    grid = jnp.asarray(image_grid_hw, jnp.int32).reshape(-1, 2)
+    grid = xp.asarray(image_grid_hw, xp.int32).reshape(-1, 2)
     if grid.shape[0] == 0:  # text only: a dummy image that no token refers to
-        grid = jnp.ones((1, 2), jnp.int32)
+        grid = xp.ones((1, 2), xp.int32)
     sizes = grid[:, 0] * grid[:, 1]
-    ends = jnp.cumsum(sizes)  # exclusive end of each image in the global image-token order
-    ordinal = jnp.cumsum(is_img.reshape(-1)).reshape(b, t) - 1  # global index of an image token
-    image = jnp.searchsorted(ends, ordinal, side="right")  # which image a token belongs to
-    image = jnp.clip(image, 0, grid.shape[0] - 1)
+    ends = xp.cumsum(sizes)  # exclusive end of each image in the global image-token order
+    ordinal = xp.cumsum(is_img.reshape(-1)).reshape(b, t) - 1  # global index of an image token
+    image = xp.searchsorted(ends, ordinal, side="right")  # which image a token belongs to
+    image = xp.clip(image, 0, grid.shape[0] - 1)
     within = ordinal - (ends[image] - sizes[image])
     gw = grid[image, 1]
-    row, col = within // jnp.maximum(gw, 1), within % jnp.maximum(gw, 1)
+    row, col = within // xp.maximum(gw, 1), within % xp.maximum(gw, 1)
     last_of_image = is_img & (within == sizes[image] - 1)
-    advance = jnp.where(is_img, 0, real.astype(jnp.int32))
-    advance = jnp.where(last_of_image, jnp.max(grid[image], axis=-1), advance)
-    base = jnp.cumsum(advance, axis=1) - advance  # exclusive cumulative sum
+    advance = xp.where(is_img, 0, real.astype(xp.int32))
+    advance = xp.where(last_of_image, xp.max(grid[image], axis=-1), advance)
+    base = xp.cumsum(advance, axis=1) - advance  # exclusive cumulative sum
     pos_t = base
-    pos_h = base + jnp.where(is_img, row, 0)
-    pos_w = base + jnp.where(is_img, col, 0)
-    positions = jnp.stack([pos_t, pos_h, pos_w]) * real[None]
-    deltas = jnp.max(positions, axis=(0, 2)) + 1 - real.sum(axis=1)
-    return positions.astype(jnp.int32), deltas.astype(jnp.int32)
+    pos_h = base + xp.where(is_img, row, 0)
+    pos_w = base + xp.where(is_img, col, 0)
+    positions = xp.stack([pos_t, pos_h, pos_w]) * real[None]
+    deltas = xp.max(positions, axis=(0, 2)) + 1 - real.sum(axis=1)
+    return positions.astype(xp.int32), deltas.astype(xp.int32)
 
 
 def text_positions(start: jax.Array, length: int) -> jax.Array:
@@ -75,7 +79,7 @@ def mrope_tables(positions: jax.Array, head_dim: int, theta: float,
     return jnp.cos(f), jnp.sin(f)
 
 
-def image_grid_hw(grid_thw, merge: int) -> jax.Array:
-    """Merged (h', w') per image from the processor's grid_thw [I, 3]."""
-    g = jnp.asarray(grid_thw, jnp.int32).reshape(-1, 3)
-    return jnp.stack([g[:, 1] // merge, g[:, 2] // merge], axis=-1)
+def image_grid_hw(grid_thw, merge: int, xp: Any = jnp) -> jax.Array:
+    """Merged (h', w') per image from the processor's grid_thw [I, 3] (`xp` as in mrope_positions)."""
+    g = xp.asarray(grid_thw, xp.int32).reshape(-1, 3)
+    return xp.stack([g[:, 1] // merge, g[:, 2] // merge], axis=-1)

@@ -77,10 +77,10 @@ def forced_trajectory(sampler: Sampler, prompt: Prompt, turns: Sequence[str]) ->
                          f"{cfg.max_response_tokens}")
     ids = np.asarray(prompt_ids + response, np.int32)
     merge = sampler.model.cfg.vision.spatial_merge_size
-    grid = rope.image_grid_hw(np.array([im.grid_thw for im in images], np.int64), merge)
+    grid = rope.image_grid_hw(np.array([im.grid_thw for im in images], np.int64), merge, xp=np)
     pos, _ = rope.mrope_positions(ids[None], np.ones((1, len(ids)), np.int32), grid,
-                                  sampler.model.cfg.image_token_id)
-    pos = np.asarray(pos)[:, 0]
+                                  sampler.model.cfg.image_token_id, xp=np)
+    pos = pos[:, 0]
     p = len(prompt_ids)
     src = np.asarray(source, np.int32)
     return Trajectory(prompt_ids=ids[:p], prompt_positions=pos[:, :p], response_ids=ids[p:],

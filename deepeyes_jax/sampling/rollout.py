@@ -232,7 +232,7 @@ class Sampler:
         vis = make_vision_inputs(np.concatenate([im.pixel_values for im in images]), grid, cfg,
                                  num_windows=windows, num_tokens=windows * cfg.window_merge_units**2,
                                  max_image_windows=largest)
-        hw = np.asarray(rope.image_grid_hw(grid, merge))
+        hw = rope.image_grid_hw(grid, merge, xp=np)
         hw = np.concatenate([hw, np.ones((_pow2_bucket(len(hw), 1) - len(hw), 2), np.int32)])
         return vis, hw
 
