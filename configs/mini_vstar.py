@@ -48,17 +48,20 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     c.data.eval_seed = 1  # held out: another generator seed
 
     c.model = ml_collections.ConfigDict()
-    c.model.hidden, c.model.layers = 128, 4
+    # Width 256 (8 heads of 32): width 128 x 4 learns the templates but not the in-context dependencies
+    # (BENCHMARKS.md, Mini-V* third and fourth runs). A GRPO step costs 1.7x one at 128 x 4.
+    c.model.hidden, c.model.layers = 256, 2
     c.model.vision_hidden, c.model.vision_depth = 64, 4
 
     c.format = ml_collections.ConfigDict()
-    c.format.pretrain_steps = 3 if ci else 150
+    c.format.pretrain_steps = 3 if ci else 120
     c.format.pretrain_batch = 4 if ci else 32
-    c.format.kinds = (0.6, 0.2, 0.2)  # crop, ground, full_view captions (one kind per step)
-    c.format.steps = 2 if ci else 120
+    c.format.crop_first = 1 if ci else 60  # crop captions alone first (format_stage.FormatConfig)
+    c.format.kinds = (0.0, 0.7, 0.3)  # then crop, ground, full_view captions (one kind per step)
+    c.format.steps = 2 if ci else 80
     c.format.batch = 4 if ci else 16
     c.format.micro_batches = 1
-    c.format.lr = 1.5e-3
+    c.format.lr = 1e-3  # 2e-3 delays the crop dependency past 60 steps
     c.format.zoom_prob = 0.5
     c.format.log_every = 1 if ci else 20
     c.format.probe_prompts = 2 if ci else 16  # sampled behaviour of the format model (run.py)

@@ -270,3 +270,22 @@ def test_probe_counts_failed_calls_named_boxes_and_target_zooms():
     p = format_stage.probe(fake_sampler, ts, 2, 4, 0.5)
     assert p == {"tool_failed_frac": 2 / 6, "zoom_rate": 6 / 8, "answered": 4 / 8, "accuracy": 2 / 8,
                  "box_follows_name": 2 / 4, "zoom_on_target": 4 / 4, "calls": 6.0}
+
+
+def test_format_train_runs_crops_first_then_the_kind_weights_then_the_protocol(base_dir):
+    mesh, rules = sharding.make_mesh((1, -1, 1)), sharding.get_rules("fsdp")
+    pre = checkpoint.load_pretrained(base_dir, mesh=mesh, rules=rules)
+    rc = RolloutConfig(max_turns=3, max_turn_tokens=96, max_response_tokens=384,
+                       system_prompt=tasks.SYSTEM_PROMPT)
+    cfg = format_stage.FormatConfig(steps=1, batch=2, pretrain_steps=3, pretrain_batch=2, crop_first=2,
+                                    kinds=(0.0, 1.0, 0.0))
+    logged = []
+    format_stage.train(pre, tasks.make_tasks(8, 0), rc, cfg, mesh, rules, lambda s, m: logged.append((s, m)))
+    kinds = [next(k for k in format_stage.KINDS if m[f"format/kind/{k}"]) for _, m in logged]
+    assert [s for s, _ in logged] == [1, 2, 3, 4]
+    assert kinds == ["crop", "crop", "ground", "protocol"]
+    assert all(np.isfinite(m["format/nll"]) and m["time/build"] > 0 for _, m in logged)
+    with pytest.raises(ValueError, match="crop_first=4"):
+        format_stage.FormatConfig(pretrain_steps=3, crop_first=4)
+    with pytest.raises(ValueError, match="kinds="):
+        format_stage.FormatConfig(kinds=(0.0, 0.0, 0.0))

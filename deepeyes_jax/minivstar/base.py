@@ -23,7 +23,7 @@ CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
 
 def model_config(hidden: int = 128, layers: int = 4, vision_hidden: int = 64, vision_depth: int = 4
                  ) -> config.ModelConfig:
-    """Text `hidden` x `layers` (4 heads of 32, 2 KV heads), vision `vision_hidden` x `vision_depth`
+    """Text `hidden` x `layers` (heads of 32, half as many KV heads), vision `vision_hidden` x `vision_depth`
     (2 heads; window attention except the last block of each half).
 
     The text RoPE base is 10,000 rather than Qwen's 1,000,000: with 32-dim heads the larger base
