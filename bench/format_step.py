@@ -5,8 +5,8 @@
 
 For each kind (crop, ground, full_view captions of 32; protocol episodes of 16) it times, after one
 warm-up step, `--steps` builds on the host and `--steps` updates (the jitted step of `format_stage.train`,
-run sequentially here so the two do not share the cores). The build is also timed with the M-RoPE
-positions computed by eager `jnp` (`--jnp_positions`), as forced episodes did before they used numpy.
+run sequentially here so the two do not share the cores). Each build is timed a second time with the
+M-RoPE positions computed by eager `jnp`, as forced episodes did before they used numpy.
 """
 
 import dataclasses
@@ -69,7 +69,7 @@ def main(_):
             batch = build(kind)
             t1 = time.perf_counter()
             compiled = step_lib.steps_for(programs, graphdef, state, batch, mesh, rules, ucfg, with_ref=False)
-            dev = jax.tree.map(lambda x, s: sharding.place(np.asarray(x), s), batch, compiled.batch_shardings)
+            dev = compiled.place(batch)
             state, m = compiled.update(state, dev, None)
             jax.block_until_ready(m)
             t2 = time.perf_counter()

@@ -136,7 +136,7 @@ def prepare(name: str, workdir: str) -> None:
     batch, raw = synthetic_batch(cfg, _BATCH.value, _SEQ.value, _MICRO.value, _IMAGE.value)
     mesh, rules, ucfg, graphdef, state = _setup(model)
     steps = step_lib.compile_steps(graphdef, state, batch, mesh, rules, ucfg, with_ref=False)
-    dev = jax.tree.map(lambda x, s: sharding.place(np.asarray(x), s), batch, steps.batch_shardings)
+    dev = steps.place(batch)
     with jax.set_mesh(mesh):
         logp = np.asarray(steps.logprobs(state, dev))
     noise = np.random.default_rng(1).normal(scale=_NOISE, size=logp.shape).astype(np.float32)
@@ -153,7 +153,7 @@ def jax_worker(workdir: str) -> None:
     mesh, rules, ucfg, graphdef, state = _setup(model)
     del model
     steps = step_lib.compile_steps(graphdef, state, batch, mesh, rules, ucfg, with_ref=False)
-    dev = jax.tree.map(lambda x, s: sharding.place(np.asarray(x), s), batch, steps.batch_shardings)
+    dev = steps.place(batch)
     print("RESULT " + json.dumps({"ready": True}), flush=True)
     for line in sys.stdin:
         if line.strip() == "step":

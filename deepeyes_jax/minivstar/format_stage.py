@@ -140,7 +140,7 @@ def probe(sampler: Sampler, tasks: Sequence[tasks_lib.Task], prompts: int, sampl
             follows += bool(named) and box == tiles[named[0]]
             if len(syn["targets"]) == 1:
                 attr_zooms += 1
-                on_target += box == tasks_lib.tile_box(target["tile"])
+                on_target += box == tiles[target["frame"]]
         answered += tr.answer is not None
         correct += tr.answer is not None and (choices.answer_letter(tr.answer, task.record["options"])
                                               == task.record["answer"])  # as the rule judge reads it
@@ -191,7 +191,7 @@ def train(pre: Pretrained, tasks: Sequence[tasks_lib.Task], rollout: RolloutConf
             kind, trajs, batch, build_s = pending.result()
             t1 = time.perf_counter()
             compiled = step_lib.steps_for(programs, graphdef, state, batch, mesh, rules, ucfg, with_ref=False)
-            dev = jax.tree.map(lambda x, s: sharding.place(np.asarray(x), s), batch, compiled.batch_shardings)
+            dev = compiled.place(batch)
             state, m = compiled.update(state, dev, None)
             if step + 1 < total:
                 pending = pool.submit(build, step + 1)

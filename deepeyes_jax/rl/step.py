@@ -13,6 +13,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
@@ -185,6 +186,10 @@ class CompiledSteps:
     logprobs: Any
     state_shardings: Any
     batch_shardings: Any
+
+    def place(self, batch: TrainBatch) -> TrainBatch:
+        """The host batch on the devices, laid out as the steps take it."""
+        return jax.tree.map(lambda x, s: sharding.place(np.asarray(x), s), batch, self.batch_shardings)
 
 
 def batch_shardings(batch: TrainBatch, mesh: Mesh, rules: sharding.Rules) -> Any:

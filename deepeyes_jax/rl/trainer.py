@@ -178,8 +178,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
             batch = batch_lib.pack(trajs, adv, pre.config.vision, config.optim.micro_batches)
             compiled = step_lib.steps_for(programs, graphdef, state, batch, mesh, rules, ucfg,
                                           with_ref=ref_state is not None)
-            dev_batch = jax.tree.map(lambda x, s: sharding.place(np.asarray(x), s), batch,
-                                     compiled.batch_shardings)
+            dev_batch = compiled.place(batch)
             if config.optim.old_logprobs == "recompute":
                 dev_batch = dev_batch.replace(old_logprobs=compiled.logprobs(state, dev_batch))
             ref_logp = compiled.logprobs(ref_state, dev_batch) if ref_state is not None else None
