@@ -54,15 +54,17 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     c.model.vision_hidden, c.model.vision_depth = 64, 4
 
     c.format = ml_collections.ConfigDict()
-    c.format.pretrain_steps = 3 if ci else 120
+    c.format.pretrain_steps = 3 if ci else 60
     c.format.pretrain_batch = 4 if ci else 32
     c.format.crop_first = 1 if ci else 60  # crop captions alone first (format_stage.FormatConfig)
-    c.format.kinds = (0.0, 0.7, 0.3)  # then crop, ground, full_view captions (one kind per step)
-    c.format.steps = 2 if ci else 80
+    c.format.crop_as_observation = True  # crops shown as the zoom tool's observation
+    c.format.kinds = (0.6, 0.2, 0.2)  # crop, ground, full_view captions (one kind per step)
+    c.format.steps = 2 if ci else 160
+    c.format.refresh = 0.0 if ci else 0.35  # share of protocol-phase steps that are caption steps again
     c.format.batch = 4 if ci else 16
     c.format.micro_batches = 1
     c.format.lr = 1e-3  # 2e-3 delays the crop dependency past 60 steps
-    c.format.zoom_prob = 0.5
+    c.format.zoom_prob = 0.8
     c.format.log_every = 1 if ci else 20
     c.format.probe_prompts = 2 if ci else 16  # sampled behaviour of the format model (run.py)
     c.format.probe_samples = 2 if ci else 4
@@ -75,7 +77,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     c.eval.view_items = 48
 
     g = deepeyes.get_config("model=tiny")
-    g.steps = 2 if ci else 60
+    g.steps = 2 if ci else 36
     g.data.source = "minivstar"
     g.data.minivstar_items = c.data.train_items
     g.data.minivstar_seed = c.data.train_seed
@@ -92,7 +94,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     g.optim.micro_batches = 1 if ci else 2
     g.optim.remat = False
     g.metrics.trajectories_per_step = 2
-    g.checkpoint.every = 1 if ci else 10
+    g.checkpoint.every = 1 if ci else 12
     g.checkpoint.keep = 2
     c.grpo = g
     return c

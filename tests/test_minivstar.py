@@ -201,6 +201,36 @@ def test_format_episodes_mask_exactly_the_forced_tokens(base_dir):
         assert text.endswith("</answer><|im_end|>")
 
 
+def test_crop_caption_as_observation_is_the_protocols_observation_and_answer(base_dir):
+    _, pre, sampler = _format_setup(base_dir)
+    ts = tasks.make_tasks(6, seed=1)
+    plain = Sampler(pre.model, pre.tokenizer, pre.image_processor, RolloutConfig(tools=(), max_turns=1))
+    (cap,) = format_stage.captions(plain, ts, np.random.default_rng(4), 1, "crop", crop_as_observation=True)
+    # The caption's card: the one whose tile crop it shows.
+    t, card = next((t, c) for t in ts for c in t.annotation["synthetic"]["cards"]
+                   if np.array_equal(cap.pixel_values, plain.processor(tasks.image_of(t).crop(
+                       _xyxy(tasks.SYNTHETIC.tile_box(c["tile"])))).pixel_values))
+    # The protocol episode zooming into that card: its observation (after the <|im_end|> that closes the
+    # calling turn) is the caption's prompt, its answer turn the caption's response, its crop the image.
+    turns = [tasks.zoom_turn(tasks.tile_box(card["tile"]), tasks.think_zoom(card["frame"])),
+             tasks.answer_turn(card["stripes"])]
+    prompt = Prompt(image=tasks.image_of(t), question=t.record["question"])
+    ep = forced.forced_trajectory(sampler, prompt, turns)
+    obs = ep.response_ids[ep.source == engine.OBSERVATION]
+    assert obs[0] == pre.tokenizer.special.im_end
+    np.testing.assert_array_equal(cap.prompt_ids, obs[1:])
+    answer = ep.response_ids[ep.source == engine.FORCED][-len(cap.response_ids):]
+    np.testing.assert_array_equal(cap.response_ids, answer)
+    np.testing.assert_array_equal(cap.pixel_values, ep.images[1].pixel_values)
+    assert pre.tokenizer.decode(cap.response_ids.tolist()) == tasks.answer_turn(card["stripes"])
+    assert len(cap.images) == 1 and (cap.action_mask == 1).all() and cap.stop_reason == "answer"
+
+
+def _xyxy(box):
+    x, y, w, h = box
+    return x, y, x + w, y + h
+
+
 def test_weighted_nll_is_the_negative_log_likelihood_gradient():
     logp = jnp.log(jnp.array([[0.5, 0.25, 0.125]]))
     adv = jnp.ones_like(logp)
@@ -277,15 +307,20 @@ def test_format_train_runs_crops_first_then_the_kind_weights_then_the_protocol(b
     pre = checkpoint.load_pretrained(base_dir, mesh=mesh, rules=rules)
     rc = RolloutConfig(max_turns=3, max_turn_tokens=96, max_response_tokens=384,
                        system_prompt=tasks.SYSTEM_PROMPT)
-    cfg = format_stage.FormatConfig(steps=1, batch=2, pretrain_steps=3, pretrain_batch=2, crop_first=2,
-                                    kinds=(0.0, 1.0, 0.0))
+    cfg = format_stage.FormatConfig(steps=5, batch=2, pretrain_steps=3, pretrain_batch=2, crop_first=2,
+                                    kinds=(0.0, 1.0, 0.0), refresh=0.5)
     logged = []
     format_stage.train(pre, tasks.make_tasks(8, 0), rc, cfg, mesh, rules, lambda s, m: logged.append((s, m)))
     kinds = [next(k for k in format_stage.KINDS if m[f"format/kind/{k}"]) for _, m in logged]
-    assert [s for s, _ in logged] == [1, 2, 3, 4]
-    assert kinds == ["crop", "crop", "ground", "protocol"]
+    assert [s for s, _ in logged] == [1, 2, 3, 4, 5, 6, 7, 8]
+    assert kinds[:3] == ["crop", "crop", "ground"]
+    # `refresh`: about half the protocol-phase steps are caption steps again (drawn with `kinds`)
+    assert set(kinds[3:]) == {"ground", "protocol"}
+    assert all(m["format/pretraining"] == (i < 3) for i, (_, m) in enumerate(logged))
     assert all(np.isfinite(m["format/nll"]) and m["time/build"] > 0 for _, m in logged)
     with pytest.raises(ValueError, match="crop_first=4"):
         format_stage.FormatConfig(pretrain_steps=3, crop_first=4)
     with pytest.raises(ValueError, match="kinds="):
         format_stage.FormatConfig(kinds=(0.0, 0.0, 0.0))
+    with pytest.raises(ValueError, match="refresh=1"):
+        format_stage.FormatConfig(refresh=1.0)

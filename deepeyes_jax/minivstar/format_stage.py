@@ -23,6 +23,7 @@ from collections.abc import Callable, Sequence
 import jax
 import numpy as np
 from flax import nnx
+from PIL import Image
 
 from deepeyes_jax.data import choices
 from deepeyes_jax.minivstar import tasks as tasks_lib
@@ -31,6 +32,7 @@ from deepeyes_jax.model.checkpoint import Pretrained
 from deepeyes_jax.rl import batch as batch_lib
 from deepeyes_jax.rl import step as step_lib
 from deepeyes_jax.sampling import Prompt, RolloutConfig, Sample, Sampler, Trajectory, engine, forced
+from deepeyes_jax.tools import observation, registry
 
 
 @dataclasses.dataclass(frozen=True)
@@ -38,12 +40,20 @@ class FormatConfig:
     """`pretrain_steps` x `pretrain_batch` captions, then `steps` x `batch` protocol episodes, at
     learning rate `lr`; `zoom_prob` of the episodes zoom (see tasks.py). Each caption step trains on
     one kind (tasks.PRETRAIN_KINDS): the first `crop_first` caption steps on crops, the rest drawn with
-    the weights `kinds`.
+    the weights `kinds`. A share `refresh` of the protocol-phase steps are caption steps again (kinds
+    drawn with `kinds`). With `crop_as_observation`, crop captions show the crop as the zoom tool's
+    observation and answer with the protocol's answer turn (`observation_prompt`).
 
     Crops first: reading a crop is the first dependency the model forms ("red and" -> "cyan" comes with
     it), and once formed, grounding (the box from the frame named in the question) learns several times
     faster. Mixed from the start, the crop captions stay at the NLL of two independent colours (0.17 per
     token) for 60+ crop steps; alone, they drop below 0.05 within 60 (BENCHMARKS.md, Mini-V* fourth runs).
+
+    Refresh and crops as observations: a model that stops seeing crop captions after its first phase
+    forgets them, and the protocol never reads its crop observations (first colour at chance after 80
+    protocol steps); a 2-layer model's reading is tied to the layout it was learnt in. Keeping crop
+    captions among the protocol steps, and showing them in the observation's layout, gives a model that
+    reads the observation (BENCHMARKS.md, Mini-V* fifth runs).
     """
 
     steps: int = 60
@@ -52,6 +62,8 @@ class FormatConfig:
     pretrain_batch: int = 32
     kinds: tuple[float, float, float] = (0.6, 0.2, 0.2)
     crop_first: int = 0
+    refresh: float = 0.0
+    crop_as_observation: bool = False
     lr: float = 1e-3
     zoom_prob: float = 0.5
     seed: int = 0
@@ -61,6 +73,9 @@ class FormatConfig:
         if not 0 <= self.crop_first <= self.pretrain_steps:
             raise ValueError(f"crop_first={self.crop_first} must lie in [0, pretrain_steps="
                              f"{self.pretrain_steps}]: it counts caption steps")
+        if not 0 <= self.refresh < 1:
+            raise ValueError(f"refresh={self.refresh} must lie in [0, 1): the share of protocol-phase steps "
+                             "that train on captions")
         if len(self.kinds) != len(tasks_lib.PRETRAIN_KINDS) or min(self.kinds) < 0 or not sum(self.kinds):
             raise ValueError(f"kinds={self.kinds}: give {len(tasks_lib.PRETRAIN_KINDS)} non-negative weights "
                              f"for {tasks_lib.PRETRAIN_KINDS}, not all zero")
@@ -92,11 +107,28 @@ def caption_pools(tasks: Sequence[tasks_lib.Task]) -> dict[str, Sequence[int]]:
             "full_view": [i for i, t in enumerate(tasks) if not t.zoom_needed]}
 
 
+def observation_prompt(sampler: Sampler, image: Image.Image) -> list[int]:
+    """Prompt ids that show `image` as the zoom tool's observation shows a crop: the user turn
+    `<tool_response>` + image + the reference's user suffix + `</tool_response>`, then the assistant's
+    turn opens. The same ids `tools.observation` appends after a tool call (without the `<|im_end|>`
+    that closes the calling turn)."""
+    result = registry.ToolResult(name="image_zoom_in_tool", call_text="", status="ok", image=image)
+    ids, _ = observation.observation_ids(result, sampler.tokenizer, sampler.processor(image).num_tokens,
+                                         close_turn=False)
+    return ids
+
+
 def captions(sampler: Sampler, tasks: Sequence[tasks_lib.Task], rng: np.random.Generator, n: int,
-             kind: str, pools: dict[str, Sequence[int]] | None = None) -> list[Trajectory]:
+             kind: str, pools: dict[str, Sequence[int]] | None = None, crop_as_observation: bool = False
+             ) -> list[Trajectory]:
     """`n` pretraining captions of one `kind` (`sampler` renders without tools: no system prompt, no
     suffix) from `pools` (default `caption_pools(tasks)`). One kind per batch keeps the batch's
-    lengths alike: crops and grounding fit 128 tokens, full-view questions with options need 256."""
+    lengths alike: crops and grounding fit 128 tokens, full-view questions with options need 256.
+
+    With `crop_as_observation`, a crop caption shows the crop as a tool observation
+    (`observation_prompt`) and its answer turn is the protocol's (`tasks.answer_turn`), instead of
+    asking `tasks.CROP_QUESTION` about it: the layout in which the protocol reads crops.
+    """
     pools = caption_pools(tasks) if pools is None else pools
     pool = pools[kind]
     if not len(pool):
@@ -104,8 +136,9 @@ def captions(sampler: Sampler, tasks: Sequence[tasks_lib.Task], rng: np.random.G
     out = []
     for i in rng.integers(len(pool), size=n):
         image, question, answer = tasks_lib.pretrain_example(tasks[pool[int(i)]], kind, rng)
-        out.append(forced_only(forced.forced_trajectory(sampler, Prompt(image=image, question=question),
-                                                        [answer])))
+        prompt = (Prompt(image=image, prompt_ids=observation_prompt(sampler, image))
+                  if kind == "crop" and crop_as_observation else Prompt(image=image, question=question))
+        out.append(forced_only(forced.forced_trajectory(sampler, prompt, [answer])))
     return out
 
 
@@ -172,10 +205,11 @@ def train(pre: Pretrained, tasks: Sequence[tasks_lib.Task], rollout: RolloutConf
     def build(step: int) -> tuple[str, list[Trajectory], batch_lib.TrainBatch, float]:
         t0 = time.perf_counter()
         if step < cfg.crop_first:
-            kind, trajs = "crop", captions(plain, tasks, rng, cfg.pretrain_batch, "crop", pools)
-        elif step < cfg.pretrain_steps:
+            kind, trajs = "crop", captions(plain, tasks, rng, cfg.pretrain_batch, "crop", pools,
+                                            cfg.crop_as_observation)
+        elif step < cfg.pretrain_steps or (cfg.refresh and rng.random() < cfg.refresh):
             kind = str(rng.choice(tasks_lib.PRETRAIN_KINDS, p=np.asarray(cfg.kinds) / np.sum(cfg.kinds)))
-            trajs = captions(plain, tasks, rng, cfg.pretrain_batch, kind, pools)
+            trajs = captions(plain, tasks, rng, cfg.pretrain_batch, kind, pools, cfg.crop_as_observation)
         else:
             kind, trajs = "protocol", episodes(sampler, tasks, rng, cfg.batch, cfg.zoom_prob)
         batch = batch_lib.pack(trajs, np.ones(len(trajs), np.float32), pre.config.vision, cfg.micro_batches)

@@ -96,7 +96,8 @@ def format_model(c: ml_collections.ConfigDict, workdir: str, base: str, mesh, ru
     fcfg = format_stage.FormatConfig(steps=c.format.steps, batch=c.format.batch,
                                      pretrain_steps=c.format.pretrain_steps,
                                      pretrain_batch=c.format.pretrain_batch, kinds=tuple(c.format.kinds),
-                                     crop_first=c.format.crop_first,
+                                     crop_first=c.format.crop_first, refresh=c.format.refresh,
+                                     crop_as_observation=c.format.crop_as_observation,
                                      lr=c.format.lr,
                                      zoom_prob=c.format.zoom_prob, seed=c.seed,
                                      micro_batches=c.format.micro_batches)
