@@ -113,8 +113,8 @@ def observation_prompt(sampler: Sampler, image: Image.Image) -> list[int]:
     turn opens. The same ids `tools.observation` appends after a tool call (without the `<|im_end|>`
     that closes the calling turn)."""
     result = registry.ToolResult(name="image_zoom_in_tool", call_text="", status="ok", image=image)
-    ids, _ = observation.observation_ids(result, sampler.tokenizer, sampler.processor(image).num_tokens,
-                                         close_turn=False)
+    tokens = sampler.processor.num_tokens(image.height, image.width)  # from the size: no pixels processed
+    ids, _ = observation.observation_ids(result, sampler.tokenizer, tokens, close_turn=False)
     return ids
 
 
@@ -123,7 +123,8 @@ def captions(sampler: Sampler, tasks: Sequence[tasks_lib.Task], rng: np.random.G
              ) -> list[Trajectory]:
     """`n` pretraining captions of one `kind` (`sampler` renders without tools: no system prompt, no
     suffix) from `pools` (default `caption_pools(tasks)`). One kind per batch keeps the batch's
-    lengths alike: crops and grounding fit 128 tokens, full-view questions with options need 256.
+    lengths alike: crops and grounding fit 128 tokens, full-view questions with options and crops shown
+    as observations 256.
 
     With `crop_as_observation`, a crop caption shows the crop as a tool observation
     (`observation_prompt`) and its answer turn is the protocol's (`tasks.answer_turn`), instead of
