@@ -123,6 +123,31 @@ def test_format_turns_zoom_a_random_named_card_and_read_the_last_view():
     assert 50 < zoomed < 150 and 0 < hits < zoomed
 
 
+def test_restate_says_what_the_question_asks_and_still_zooms_at_random():
+    ts = tasks.make_tasks(40, seed=4)
+    rng = np.random.default_rng(0)
+    named_target = zooms = 0
+    for t in ts:
+        asked = t.annotation["target_object"]
+        lead = f"<think>The question asks about the {' and the '.join(asked)}. "
+        for _ in range(5):
+            turns = tasks.format_turns(t, rng, zoom_prob=0.8, restate=True)
+            assert turns[0].startswith(lead)
+            assert all(name.split("card ")[1] in t.record["question"] for name in asked)  # the question's words
+            if len(turns) == 1:
+                assert turns[0].startswith(lead + tasks.THINK_ANSWER + "</think>")
+                continue
+            syn = t.annotation["synthetic"]
+            if len(syn["targets"]) == 1:
+                zooms += 1
+                named_target += tasks.think_zoom(syn["cards"][syn["targets"][0]]["frame"]) in turns[0]
+    assert 0 < named_target < zooms / 2  # the zoom names a random card of the scene, not the asked one
+    # without restate the turns are the same draws minus the restated sentence
+    a = tasks.format_turns(ts[0], np.random.default_rng(5), 1.0, restate=True)
+    b = tasks.format_turns(ts[0], np.random.default_rng(5), 1.0)
+    assert [x.replace(tasks.think_restate(ts[0]) + " ", "") for x in a] == b
+
+
 def test_pretrain_captions_show_what_the_view_holds(base_dir):
     ts = tasks.make_tasks(24, seed=2)
     rng = np.random.default_rng(1)
@@ -299,7 +324,8 @@ def test_probe_counts_failed_calls_named_boxes_and_target_zooms():
 
     p = format_stage.probe(fake_sampler, ts, 2, 4, 0.5)
     assert p == {"tool_failed_frac": 2 / 6, "zoom_rate": 6 / 8, "answered": 4 / 8, "accuracy": 2 / 8,
-                 "box_follows_name": 2 / 4, "zoom_on_target": 4 / 4, "calls": 6.0}
+                 "box_follows_name": 2 / 4, "names_target": 2 / 4, "zoom_on_target": 4 / 4,
+                 "calls": 6.0}
 
 
 def test_format_train_runs_crops_first_then_the_kind_weights_then_the_protocol(base_dir):
@@ -307,19 +333,21 @@ def test_format_train_runs_crops_first_then_the_kind_weights_then_the_protocol(b
     pre = checkpoint.load_pretrained(base_dir, mesh=mesh, rules=rules)
     rc = RolloutConfig(max_turns=3, max_turn_tokens=96, max_response_tokens=384,
                        system_prompt=tasks.SYSTEM_PROMPT)
-    cfg = format_stage.FormatConfig(steps=5, batch=2, pretrain_steps=3, pretrain_batch=2, crop_first=2,
-                                    kinds=(0.0, 1.0, 0.0), refresh=0.5)
+    cfg = format_stage.FormatConfig(steps=5, batch=2, pretrain_steps=4, pretrain_batch=2, crop_first=1,
+                                    ground_first=2, kinds=(1.0, 0.0, 0.0), refresh=0.5, restate=True)
     logged = []
     format_stage.train(pre, tasks.make_tasks(8, 0), rc, cfg, mesh, rules, lambda s, m: logged.append((s, m)))
     kinds = [next(k for k in format_stage.KINDS if m[f"format/kind/{k}"]) for _, m in logged]
-    assert [s for s, _ in logged] == [1, 2, 3, 4, 5, 6, 7, 8]
-    assert kinds[:3] == ["crop", "crop", "ground"]
+    assert [s for s, _ in logged] == [1, 2, 3, 4, 5, 6, 7, 8, 9]
+    assert kinds[:4] == ["crop", "ground", "ground", "crop"]  # crops, then grounding, then `kinds`
     # `refresh`: about half the protocol-phase steps are caption steps again (drawn with `kinds`)
-    assert set(kinds[3:]) == {"ground", "protocol"}
-    assert all(m["format/pretraining"] == (i < 3) for i, (_, m) in enumerate(logged))
+    assert set(kinds[4:]) == {"crop", "protocol"}
+    assert all(m["format/pretraining"] == (i < 4) for i, (_, m) in enumerate(logged))
     assert all(np.isfinite(m["format/nll"]) and m["time/build"] > 0 for _, m in logged)
     with pytest.raises(ValueError, match="crop_first=4"):
         format_stage.FormatConfig(pretrain_steps=3, crop_first=4)
+    with pytest.raises(ValueError, match="ground_first=3"):
+        format_stage.FormatConfig(pretrain_steps=3, crop_first=1, ground_first=3)
     with pytest.raises(ValueError, match="kinds="):
         format_stage.FormatConfig(kinds=(0.0, 0.0, 0.0))
     with pytest.raises(ValueError, match="refresh=1"):

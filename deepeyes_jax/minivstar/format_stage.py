@@ -39,10 +39,12 @@ from deepeyes_jax.tools import observation, registry
 class FormatConfig:
     """`pretrain_steps` x `pretrain_batch` captions, then `steps` x `batch` protocol episodes, at
     learning rate `lr`; `zoom_prob` of the episodes zoom (see tasks.py). Each caption step trains on
-    one kind (tasks.PRETRAIN_KINDS): the first `crop_first` caption steps on crops, the rest drawn with
-    the weights `kinds`. A share `refresh` of the protocol-phase steps are caption steps again (kinds
-    drawn with `kinds`). With `crop_as_observation`, crop captions show the crop as the zoom tool's
-    observation and answer with the protocol's answer turn (`observation_prompt`).
+    one kind (tasks.PRETRAIN_KINDS): the first `crop_first` caption steps on crops, the next
+    `ground_first` on grounding, the rest drawn with the weights `kinds`. A share `refresh` of the
+    protocol-phase steps are caption steps again (kinds drawn with `kinds`). With `crop_as_observation`,
+    crop captions show the crop as the zoom tool's observation and answer with the protocol's answer
+    turn (`observation_prompt`). With `restate`, protocol episodes open their reasoning with what the
+    question asks about (`tasks.think_restate`).
 
     Crops first: reading a crop is the first dependency the model forms ("red and" -> "cyan" comes with
     it), and once formed, grounding (the box from the frame named in the question) learns several times
@@ -54,6 +56,11 @@ class FormatConfig:
     protocol steps); a 2-layer model's reading is tied to the layout it was learnt in. Keeping crop
     captions among the protocol steps, and showing them in the observation's layout, gives a model that
     reads the observation (BENCHMARKS.md, Mini-V* fifth runs).
+
+    Grounding next: mixed with the other kinds, the box never came to depend on the frame it names,
+    in grounding captions or in the protocol (first box digit equally likely with the named card's
+    box and another card's); 40 grounding-only steps make it depend on it, and the protocol's boxes
+    then follow the card its reasoning names (BENCHMARKS.md, Mini-V* sixth runs).
     """
 
     steps: int = 60
@@ -62,7 +69,9 @@ class FormatConfig:
     pretrain_batch: int = 32
     kinds: tuple[float, float, float] = (0.6, 0.2, 0.2)
     crop_first: int = 0
+    ground_first: int = 0
     refresh: float = 0.0
+    restate: bool = False
     crop_as_observation: bool = False
     lr: float = 1e-3
     zoom_prob: float = 0.5
@@ -73,6 +82,10 @@ class FormatConfig:
         if not 0 <= self.crop_first <= self.pretrain_steps:
             raise ValueError(f"crop_first={self.crop_first} must lie in [0, pretrain_steps="
                              f"{self.pretrain_steps}]: it counts caption steps")
+        if not 0 <= self.ground_first <= self.pretrain_steps - self.crop_first:
+            raise ValueError(f"ground_first={self.ground_first} must lie in [0, pretrain_steps - crop_first="
+                             f"{self.pretrain_steps - self.crop_first}]: it counts the caption steps after "
+                             "the crop-only ones")
         if not 0 <= self.refresh < 1:
             raise ValueError(f"refresh={self.refresh} must lie in [0, 1): the share of protocol-phase steps "
                              "that train on captions")
@@ -91,12 +104,12 @@ def forced_only(traj: Trajectory) -> Trajectory:
 
 
 def episodes(sampler: Sampler, tasks: Sequence[tasks_lib.Task], rng: np.random.Generator, n: int,
-             zoom_prob: float) -> list[Trajectory]:
+             zoom_prob: float, restate: bool = False) -> list[Trajectory]:
     """`n` teacher-forced format-stage episodes of random tasks, loss mask on the forced tokens."""
     picked = [tasks[int(i)] for i in rng.integers(len(tasks), size=n)]
     return [forced_only(forced.forced_trajectory(
         sampler, Prompt(image=tasks_lib.image_of(t), question=t.record["question"]),
-        tasks_lib.format_turns(t, rng, zoom_prob))) for t in picked]
+        tasks_lib.format_turns(t, rng, zoom_prob, restate=restate))) for t in picked]
 
 
 def caption_pools(tasks: Sequence[tasks_lib.Task]) -> dict[str, Sequence[int]]:
@@ -150,13 +163,14 @@ def probe(sampler: Sampler, tasks: Sequence[tasks_lib.Task], prompts: int, sampl
 
     Returns the share of tool calls that fail (`tool_failed_frac`: malformed JSON or boxes), the zoom
     rate, the share of answered rollouts, the accuracy, the share of successful zooms whose box is the
-    tile of the card their reasoning names (`box_follows_name`), and on attribute items the share of
-    zooms into the asked card's tile (`zoom_on_target`, chance 1/cards).
+    tile of the card their reasoning names (`box_follows_name`), and on attribute items the shares of
+    zooms that name the asked card (`names_target`) and that zoom into its tile (`zoom_on_target`,
+    chance 1/cards).
     """
     picked = list(tasks[:prompts])
     trajs = sampler([Prompt(image=tasks_lib.image_of(t), question=t.record["question"]) for t in picked],
                     samples, Sample(temperature=temperature), jax.random.key(seed))
-    calls = failed = ok = follows = attr_zooms = on_target = answered = correct = zoomed = 0
+    calls = failed = ok = follows = attr_zooms = on_target = names_target = answered = correct = zoomed = 0
     for i, tr in enumerate(trajs):
         task = picked[i // samples]
         syn = task.annotation["synthetic"]
@@ -175,12 +189,14 @@ def probe(sampler: Sampler, tasks: Sequence[tasks_lib.Task], prompts: int, sampl
             if len(syn["targets"]) == 1:
                 attr_zooms += 1
                 on_target += box == tiles[target["frame"]]
+                names_target += tasks_lib.think_zoom(target["frame"]) in tr.turns[call.turn]
         answered += tr.answer is not None
         correct += tr.answer is not None and (choices.answer_letter(tr.answer, task.record["options"])
                                               == task.record["answer"])  # as the rule judge reads it
     n = len(trajs)
     return {"tool_failed_frac": failed / max(calls, 1), "zoom_rate": zoomed / n, "answered": answered / n,
             "accuracy": correct / n, "box_follows_name": follows / max(ok, 1),
+            "names_target": names_target / max(attr_zooms, 1),
             "zoom_on_target": on_target / max(attr_zooms, 1), "calls": float(calls)}
 
 
@@ -205,14 +221,14 @@ def train(pre: Pretrained, tasks: Sequence[tasks_lib.Task], rollout: RolloutConf
 
     def build(step: int) -> tuple[str, list[Trajectory], batch_lib.TrainBatch, float]:
         t0 = time.perf_counter()
-        if step < cfg.crop_first:
-            kind, trajs = "crop", captions(plain, tasks, rng, cfg.pretrain_batch, "crop", pools,
-                                            cfg.crop_as_observation)
+        if step < cfg.crop_first + cfg.ground_first:
+            kind = "crop" if step < cfg.crop_first else "ground"
+            trajs = captions(plain, tasks, rng, cfg.pretrain_batch, kind, pools, cfg.crop_as_observation)
         elif step < cfg.pretrain_steps or (cfg.refresh and rng.random() < cfg.refresh):
             kind = str(rng.choice(tasks_lib.PRETRAIN_KINDS, p=np.asarray(cfg.kinds) / np.sum(cfg.kinds)))
             trajs = captions(plain, tasks, rng, cfg.pretrain_batch, kind, pools, cfg.crop_as_observation)
         else:
-            kind, trajs = "protocol", episodes(sampler, tasks, rng, cfg.batch, cfg.zoom_prob)
+            kind, trajs = "protocol", episodes(sampler, tasks, rng, cfg.batch, cfg.zoom_prob, cfg.restate)
         batch = batch_lib.pack(trajs, np.ones(len(trajs), np.float32), pre.config.vision, cfg.micro_batches)
         return kind, trajs, batch, time.perf_counter() - t0
 

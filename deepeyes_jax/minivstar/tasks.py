@@ -14,14 +14,18 @@ enclose objects, reasoning that points at what it zooms into, and reading what i
 or when to look. Each item is zoomed with probability `zoom_prob` whatever it needs, into the tile of a
 random card of the scene (a coarse box around some object). The zoom turn's reasoning names that card
 by its frame ("Zoom in on the card with the red frame.") and the box is its tile, so the model learns
-to ground the card it names, and names one at random. The answer reports the last image the model
-looked at: after a zoom, the stripes of the card it zoomed into (relative items: an arbitrary option,
-one card cannot settle them); without one, the right option when the full view shows it (zoom-free
-items), else an arbitrary option. So the starting model zooms at random, reads whatever card it
-zoomed into, and is right only when that card happens to be the one asked about. Every zoom teaches
-reading a crop, and nothing ties the named card to the question: GRPO has to learn to name, and so
-zoom into, the card the question asks about, and when zooming pays. Answers are the option's text, as
-DeepEyes' curated training answers are open-ended (the rule judge accepts a letter or the option text).
+to ground the card it names, and names one at random. With `restate` (the Mini-V* default) the
+reasoning first says what the question asks about, in the words of the item's `target_object`
+annotation ("The question asks about the card with the yellow frame."), as a pretrained model reads
+a question; the card it then names and zooms into is still random. The answer reports the last
+image the model looked at: after a zoom, the stripes of the card it zoomed into (relative items: an
+arbitrary option, one card cannot settle them); without one, the right option when the full view
+shows it (zoom-free items), else an arbitrary option. So the starting model zooms at random, reads
+whatever card it zoomed into, and is right only when that card happens to be the one asked about.
+Every zoom teaches reading a crop, and nothing ties the named card to the question: GRPO has to
+learn to name, and so zoom into, the card the question asks about, and when zooming pays. Answers are
+the option's text, as DeepEyes' curated training answers are open-ended (the rule judge accepts a
+letter or the option text).
 
 Before the protocol, `pretrain_example` gives the perception a pretrained VLM has, as short
 single-turn captions without the tool protocol: the stripes of a card seen in a crop of its tile, the
@@ -60,6 +64,12 @@ THINK_ANSWER = "I can answer."
 def think_zoom(frame: str) -> str:
     """The reasoning of a zoom turn: it names the card it zooms into (by its frame)."""
     return f"Zoom in on the card with the {frame} frame."
+
+
+def think_restate(task: Task) -> str:
+    """The first sentence of a first turn with `restate`: what the question asks about, in the words
+    of its V*-style `target_object` annotation ("card with the yellow frame")."""
+    return "The question asks about the " + " and the ".join(task.annotation["target_object"]) + "."
 
 
 @dataclasses.dataclass(frozen=True)
@@ -125,17 +135,20 @@ def right_option(task: Task) -> str:
 
 
 def format_turns(task: Task, rng: np.random.Generator, zoom_prob: float = 0.5,
-                 cfg: sv.SyntheticConfig = SYNTHETIC) -> list[str]:
+                 cfg: sv.SyntheticConfig = SYNTHETIC, restate: bool = False) -> list[str]:
     """The teacher-forced assistant turns of one format-stage episode (see the module docstring);
-    `cfg` is the generator configuration the task was made with."""
+    `cfg` is the generator configuration the task was made with. With `restate`, the first turn's
+    reasoning opens by saying what the question asks about (`think_restate`); the card it then zooms
+    into is still random."""
     rec, syn = task.record, task.annotation["synthetic"]
     right = right_option(task)
     arbitrary = rec["options"][int(rng.integers(len(rec["options"])))]
+    lead = think_restate(task) + " " if restate else ""
     if rng.random() >= zoom_prob:
-        return [answer_turn(right if not task.zoom_needed else arbitrary)]
+        return [answer_turn(right if not task.zoom_needed else arbitrary, lead + THINK_ANSWER)]
     card = syn["cards"][int(rng.integers(len(syn["cards"])))]
     relative = len(syn["targets"]) > 1
-    return [zoom_turn(tile_box(card["tile"], cfg), think_zoom(card["frame"])),
+    return [zoom_turn(tile_box(card["tile"], cfg), lead + think_zoom(card["frame"])),
             answer_turn(arbitrary if relative else card["stripes"])]
 
 

@@ -175,7 +175,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
             t2 = time.perf_counter()
 
             # pack, old log-probs, update
-            batch = batch_lib.pack(trajs, adv, pre.config.vision, config.optim.micro_batches)
+            batch = batch_lib.pack(trajs, adv, pre.config.vision, config.optim.micro_batches,
+                                   min_length=config.optim.min_length, min_windows=config.optim.min_windows)
             compiled = step_lib.steps_for(programs, graphdef, state, batch, mesh, rules, ucfg,
                                           with_ref=ref_state is not None)
             dev_batch = compiled.place(batch)
@@ -195,6 +196,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
             m.update(_judge_stats(judge))
             m["advantage/mean"], m["advantage/std"] = float(adv.mean()), float(adv.std())
             m["advantage/abs_max"] = float(np.abs(adv).max())
+            m.update({"batch/length": float(batch.input_ids.shape[-1]),  # the shape buckets (programs)
+                      "batch/vision_tokens": float(batch.vision.token_index.shape[-1]),
+                      "batch/image_windows": float(batch.vision.image_windows)})
             tokens = sum(len(t.input_ids) for t in trajs)
             m.update({"time/rollout": t1 - t0, "time/reward": t2 - t1, "time/logprobs": t3 - t2,
                       "time/update": t4 - t3, "time/step": t4 - t0,
