@@ -133,7 +133,7 @@ def test_restate_says_what_the_question_asks_and_still_zooms_at_random():
         for _ in range(5):
             turns = tasks.format_turns(t, rng, zoom_prob=0.8, restate=True)
             assert turns[0].startswith(lead)
-            assert all(name.split("card ")[1] in t.record["question"] for name in asked)  # the question's words
+            assert all(name.split("card ")[1] in t.record["question"] for name in asked)  # its words
             if len(turns) == 1:
                 assert turns[0].startswith(lead + tasks.THINK_ANSWER + "</think>")
                 continue
