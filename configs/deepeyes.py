@@ -101,10 +101,6 @@ def get_config(arg: str = "model=tiny") -> ml_collections.ConfigDict:
     c.optim.remat = True
     c.optim.freeze_vision = False
     c.optim.old_logprobs = "recompute"  # recompute | sampler
-    # Floors of the packed batch's pow2 shape buckets (rl/batch.pack): every new bucket is a new program;
-    # floors at the shapes a run reaches anyway trade some padding for fewer compiles.
-    c.optim.min_length = 128
-    c.optim.min_windows = 4
 
     c.metrics = ml_collections.ConfigDict()
     c.metrics.trajectories_per_step = 4

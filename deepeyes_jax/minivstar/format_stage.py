@@ -221,14 +221,16 @@ def train(pre: Pretrained, tasks: Sequence[tasks_lib.Task], rollout: RolloutConf
 
     def build(step: int) -> tuple[str, list[Trajectory], batch_lib.TrainBatch, float]:
         t0 = time.perf_counter()
-        if step < cfg.crop_first + cfg.ground_first:
-            kind = "crop" if step < cfg.crop_first else "ground"
-            trajs = captions(plain, tasks, rng, cfg.pretrain_batch, kind, pools, cfg.crop_as_observation)
+        if step < cfg.crop_first:
+            kind = "crop"
+        elif step < cfg.crop_first + cfg.ground_first:
+            kind = "ground"
         elif step < cfg.pretrain_steps or (cfg.refresh and rng.random() < cfg.refresh):
             kind = str(rng.choice(tasks_lib.PRETRAIN_KINDS, p=np.asarray(cfg.kinds) / np.sum(cfg.kinds)))
-            trajs = captions(plain, tasks, rng, cfg.pretrain_batch, kind, pools, cfg.crop_as_observation)
         else:
-            kind, trajs = "protocol", episodes(sampler, tasks, rng, cfg.batch, cfg.zoom_prob, cfg.restate)
+            kind = "protocol"
+        trajs = (episodes(sampler, tasks, rng, cfg.batch, cfg.zoom_prob, cfg.restate) if kind == "protocol"
+                 else captions(plain, tasks, rng, cfg.pretrain_batch, kind, pools, cfg.crop_as_observation))
         batch = batch_lib.pack(trajs, np.ones(len(trajs), np.float32), pre.config.vision, cfg.micro_batches)
         return kind, trajs, batch, time.perf_counter() - t0
 

@@ -175,8 +175,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
             t2 = time.perf_counter()
 
             # pack, old log-probs, update
-            batch = batch_lib.pack(trajs, adv, pre.config.vision, config.optim.micro_batches,
-                                   min_length=config.optim.min_length, min_windows=config.optim.min_windows)
+            batch = batch_lib.pack(trajs, adv, pre.config.vision, config.optim.micro_batches)
             compiled = step_lib.steps_for(programs, graphdef, state, batch, mesh, rules, ucfg,
                                           with_ref=ref_state is not None)
             dev_batch = compiled.place(batch)
