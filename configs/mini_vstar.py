@@ -59,8 +59,15 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     c.format.crop_first = 1 if ci else 50  # crop captions alone first (format_stage.FormatConfig)
     c.format.ground_first = 1 if ci else 40  # then grounding captions alone
     c.format.crop_as_observation = True  # crops shown as the zoom tool's observation
-    c.format.restate = True  # first turns open with what the question asks about (tasks.think_restate)
-    c.format.kinds = (0.4, 0.4, 0.2)  # crop, ground, full_view captions (one kind per step)
+    # The zoom's reasoning names no card and restates nothing: the box alone says where the model looks,
+    # and only grounding captions tie a frame word to a box (BENCHMARKS.md, Mini-V* seventh runs).
+    c.format.restate = False  # first turns open with what the question asks about (tasks.think_restate)
+    c.format.name_zoom = False  # zoom turns name the card they zoom into (tasks.think_zoom)
+    # A fifth of attribute zooms go into the asked card (the rest into a random scene card): a weak prior,
+    # as a pretrained VLM's zooms beat chance. Without it GRPO never made the box depend on the question.
+    c.format.aim = 0.2  # (BENCHMARKS.md, Mini-V* seventh runs)
+    c.format.ground_calls = 0.0  # share of protocol episodes asking where a card is (tasks.ground_call)
+    c.format.kinds = (0.4, 0.4, 0.2, 0.0)  # crop, ground, full_view, read captions (one kind per step)
     c.format.steps = 2 if ci else 150
     c.format.refresh = 0.0 if ci else 0.35  # share of protocol-phase steps that are caption steps again
     c.format.batch = 4 if ci else 16
@@ -79,12 +86,14 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     c.eval.view_items = 48
 
     g = deepeyes.get_config("model=tiny")
-    g.steps = 2 if ci else 30
+    g.steps = 2 if ci else 20
     g.data.source = "minivstar"
     g.data.minivstar_items = c.data.train_items
     g.data.minivstar_seed = c.data.train_seed
-    g.data.prompts_per_step = 2 if ci else 4
-    g.rollout.num_samples = 2 if ci else 8
+    # 16 prompts x 4 samples: with 4 x 8 the box's tile hops between steps to the last batch's targets
+    # (BENCHMARKS.md, Mini-V* seventh runs).
+    g.data.prompts_per_step = 2 if ci else 16
+    g.rollout.num_samples = 2 if ci else 4
     g.rollout.max_turns = 3
     g.rollout.max_turn_tokens = 96
     g.rollout.max_response_tokens = 384

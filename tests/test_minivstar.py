@@ -3,21 +3,24 @@ the shortened end-to-end run of the README's first command (CI checks the pipeli
 
 import json
 import os
+import re
 import subprocess
 import sys
 import types
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import pytest
 
 from conftest import FIXTURES
 from deepeyes_jax.data import choices, readers, synthetic_vstar
-from deepeyes_jax.minivstar import base, format_stage, tasks
+from deepeyes_jax.minivstar import base, format_stage, run, tasks
 from deepeyes_jax.minivstar import tokenizer as tok_lib
 from deepeyes_jax.model import checkpoint, sharding
 from deepeyes_jax.processing.chat import Tokenizer
+from deepeyes_jax.rl import checkpoint as rl_ckpt
 from deepeyes_jax.rl import grpo, metrics, rewards
 from deepeyes_jax.sampling import Greedy, Prompt, RolloutConfig, Sampler, engine, forced
 
@@ -43,6 +46,24 @@ def test_tokenizer_keeps_qwen_special_tokens_and_splits_digits(tmp_path):
     assert tok.decode(tok.encode(text)) == text
     assert len(tok.encode(tasks.SYSTEM_PROMPT)) < 100  # the point of the short prompt
     assert tok_lib.build().to_str() == tok_lib.build().to_str()  # deterministic
+
+
+def test_the_asked_frame_is_the_only_frame_word_of_a_question_and_one_token(tmp_path):
+    """An attribute question names its card by a frame word that nothing else in the prompt uses (the
+    options are stripe pairs), so the card asked about is readable by content."""
+    tok_lib.write(tmp_path)
+    tok = Tokenizer.from_dir(tmp_path)
+    frame_ids = {f: tok.encode(" " + f) for f in synthetic_vstar.FRAMES}
+    assert all(len(ids) == 1 for ids in frame_ids.values()), frame_ids
+    stripe_words = {w for pair in synthetic_vstar.PAIRS for w in pair.split(" and ")}
+    assert not stripe_words & set(synthetic_vstar.FRAMES)
+    attribute = [t for t in tasks.make_tasks(24, seed=3) if len(t.annotation["synthetic"]["targets"]) == 1]
+    assert attribute
+    for t in attribute:
+        asked = t.annotation["synthetic"]["cards"][t.annotation["synthetic"]["targets"][0]]["frame"]
+        ids = tok.encode(t.record["question"])
+        present = [f for f, (i,) in frame_ids.items() if i in ids]
+        assert present == [asked], (t.record["question"], present)
 
 
 def test_base_directory_loads_like_a_hub_checkpoint(base_dir):
@@ -146,6 +167,32 @@ def test_restate_says_what_the_question_asks_and_still_zooms_at_random():
     a = tasks.format_turns(ts[0], np.random.default_rng(5), 1.0, restate=True)
     b = tasks.format_turns(ts[0], np.random.default_rng(5), 1.0)
     assert [x.replace(tasks.think_restate(ts[0]) + " ", "") for x in a] == b
+    # without name, the same draws with a zoom reasoning that names no card
+    c = tasks.format_turns(ts[0], np.random.default_rng(5), 1.0, name=False)
+    named = [f for f in synthetic_vstar.FRAMES if tasks.think_zoom(f) in b[0]]
+    assert len(named) == 1 and c == [b[0].replace(tasks.think_zoom(named[0]), tasks.THINK_LOOK), b[1]]
+    assert not any(f in c[0] for f in synthetic_vstar.FRAMES)
+
+
+def test_aim_sends_that_share_of_attribute_zooms_into_the_asked_card():
+    ts = tasks.make_tasks(40, seed=2)
+    attr = [t for t in ts if len(t.annotation["synthetic"]["targets"]) == 1]
+    relative = [t for t in ts if len(t.annotation["synthetic"]["targets"]) == 2]
+
+    def on_target(t, turns):
+        syn = t.annotation["synthetic"]
+        box = tasks.tile_box(syn["cards"][syn["targets"][0]]["tile"])
+        return tasks.zoom_turn(box, tasks.THINK_LOOK) == turns[0]
+
+    rng = np.random.default_rng(0)
+    hits = [on_target(t, tasks.format_turns(t, rng, 1.0, name=False, aim=a))
+            for a in (0.0, 1.0) for t in attr]
+    assert sum(hits[len(attr):]) == len(attr) and sum(hits[:len(attr)]) < 0.7 * len(attr)
+    # relative items (two cards asked about) stay random
+    assert relative
+    for t in relative:
+        assert (tasks.format_turns(t, np.random.default_rng(1), 1.0, aim=1.0)
+                == tasks.format_turns(t, np.random.default_rng(1), 1.0))
 
 
 def test_pretrain_captions_show_what_the_view_holds(base_dir):
@@ -163,6 +210,13 @@ def test_pretrain_captions_show_what_the_view_holds(base_dir):
     card = next(c for c in attr.annotation["synthetic"]["cards"] if c["frame"] == frame)
     assert turn.endswith("<|im_end|>")  # bare JSON, as Qwen2.5-VL grounds
     assert json.loads(turn.removesuffix("<|im_end|>"))["bbox_2d"] == tasks.tile_box(card["tile"])
+    reads = [tasks.pretrain_example(attr, "read", rng) for _ in range(8)]  # what the question asks about
+    assert {q for _, q, _ in reads} == {attr.record["question"], attr.annotation["question"]}  # +- options
+    assert all(t == tasks.think_restate(attr) + "<|im_end|>" for _, _, t in reads)
+    assert all(i.size == tasks.image_of(attr).size for i, _, _ in reads)
+    relative = next(t for t in ts if len(t.annotation["synthetic"]["targets"]) == 2)
+    with pytest.raises(ValueError, match="attribute item"):
+        tasks.pretrain_example(relative, "read", rng)
     need = next(t for t in ts if t.zoom_needed)
     with pytest.raises(ValueError, match="zoom-free"):
         tasks.pretrain_example(need, "full_view", rng)
@@ -179,8 +233,9 @@ def test_pretrain_captions_show_what_the_view_holds(base_dir):
         text = pre.tokenizer.decode(c.prompt_ids.tolist())
         assert "# Tools" not in text and "<|vision_start|>" in text and len(c.images) == 1
         assert (c.action_mask == 1).all()
-    # crops and full views answer; the bare grounding JSON reads as a box for a sampler without tools
-    assert [c.stop_reason for c in caps] == ["answer"] * 4 + ["tools_disabled"] * 4 + ["answer"] * 4
+    # crops and full views answer; the bare grounding JSON and the read sentence end without an answer
+    assert [c.stop_reason for c in caps] == (["answer"] * 4 + ["tools_disabled"] * 4 + ["answer"] * 4
+                                             + ["tools_disabled"] * 4)
 
 
 def _format_setup(base_dir):
@@ -222,8 +277,18 @@ def test_format_episodes_mask_exactly_the_forced_tokens(base_dir):
         forced_ids = t.response_ids[t.action_mask > 0]
         assert (t.action_mask == (t.source == engine.FORCED)).all()
         text = pre.tokenizer.decode(forced_ids.tolist())
-        assert text.startswith("<think>Zoom in on the card with the ")
+        assert re.match(rf"<think>Zoom in on the ({'|'.join(synthetic_vstar.FRAMES)}) card\.</think>", text)
         assert text.endswith("</answer><|im_end|>")
+    # Grounding calls: asked where a card is, the episode zooms into that card's tile, reads its stripes.
+    ts = tasks.make_tasks(6, seed=1)
+    for t in format_stage.episodes(sampler, ts, np.random.default_rng(5), 4, 0.0, ground_calls=1.0):
+        prompt = pre.tokenizer.decode(t.prompt_ids.tolist())
+        frame = re.search(r"Where is the card with the (\w+) frame\?", prompt)[1]
+        pixels = np.asarray(t.pil_images[0])
+        scene = next(x for x in ts if np.array_equal(pixels, np.asarray(tasks.image_of(x))))
+        card = next(c for c in scene.annotation["synthetic"]["cards"] if c["frame"] == frame)
+        assert list(t.tool_calls[0].box_model) == tasks.tile_box(card["tile"]) and t.answer == card["stripes"]
+        assert (t.action_mask == (t.source == engine.FORCED)).all() and t.stop_reason == "answer"
 
 
 def test_crop_caption_as_observation_is_the_protocols_observation_and_answer(base_dir):
@@ -274,6 +339,28 @@ def _run(args, timeout=900):
     return proc.stdout
 
 
+def test_grpo_stage_is_done_only_when_its_last_step_is_saved(tmp_path, monkeypatch):
+    """A SIGTERM makes the trainer save and return early: the stage must not be marked done then."""
+    g, d, saved = ml_collections.ConfigDict({"steps": 3}), str(tmp_path / "grpo"), []
+
+    def fake_trainer(cfg, workdir):
+        ck = rl_ckpt.Checkpointer(workdir, async_save=False)
+        for step in saved:
+            ck.save(step, {"w": np.zeros(2)}, {"m": np.zeros(2)}, {"step": step}, force=True)
+        ck.close()
+
+    monkeypatch.setattr(run.trainer, "run", fake_trainer)
+    saved[:] = [1]
+    with pytest.raises(SystemExit, match="step 1 of 3 .preempted.; rerun"):
+        run.grpo(g, d)
+    assert not run._done(d)
+    saved[:] = [2, 3]
+    run.grpo(g, d)
+    assert run._done(d)
+    monkeypatch.setattr(run.trainer, "run", lambda *a: pytest.fail("a finished stage ran again"))
+    run.grpo(g, d)
+
+
 @pytest.mark.slow
 def test_shortened_mini_vstar_and_ablation_end_to_end(tmp_path):
     """The README's first command at size=ci, then the ablation launcher reusing its shared stages."""
@@ -301,14 +388,16 @@ def test_shortened_mini_vstar_and_ablation_end_to_end(tmp_path):
 def test_probe_counts_failed_calls_named_boxes_and_target_zooms():
     ts = [t for t in tasks.make_tasks(30, seed=3) if len(t.annotation["synthetic"]["targets"]) == 1][:2]
 
-    def rollout(task, card, box=None, fail=False, answer=None):
+    def rollout(task, card, box=None, fail=False, answer=None, lead=""):
         if card is None:
-            return types.SimpleNamespace(tool_calls=[], turns=[tasks.answer_turn("x")], answer=answer)
+            return types.SimpleNamespace(tool_calls=[], turns=[tasks.answer_turn("x", lead + "ok")],
+                                         answer=answer)
         box = tasks.tile_box(card["tile"]) if box is None else box
         call = types.SimpleNamespace(turn=0, status="error" if fail else "ok",
                                      box_model=None if fail else box)
         return types.SimpleNamespace(tool_calls=[call], answer=answer,
-                                     turns=[tasks.zoom_turn(box, tasks.think_zoom(card["frame"])), "a"])
+                                     turns=[tasks.zoom_turn(box, lead + tasks.think_zoom(card["frame"])),
+                                            "a"])
 
     def fake_sampler(prompts, n, method, key):
         assert n == 4 and method.temperature == 0.5 and len(prompts) == 2
@@ -316,16 +405,17 @@ def test_probe_counts_failed_calls_named_boxes_and_target_zooms():
         for t in ts:
             cards = t.annotation["synthetic"]["cards"]
             target, other = cards[0], cards[1]  # targets == [0]
+            wrong = tasks.restate([f"card with the {other['frame']} frame"]) + " "
             out += [rollout(t, target, answer=tasks.right_option(t)),  # named, on target, right
-                    rollout(t, other, box=tasks.tile_box(target["tile"])),  # names one card, zooms another
+                    rollout(t, other, box=tasks.tile_box(target["tile"]), lead=wrong),  # boxes another
                     rollout(t, other, fail=True),
-                    rollout(t, None, answer="no")]
+                    rollout(t, None, answer="no", lead=tasks.think_restate(t) + " ")]  # reads the question
         return out
 
     p = format_stage.probe(fake_sampler, ts, 2, 4, 0.5)
     assert p == {"tool_failed_frac": 2 / 6, "zoom_rate": 6 / 8, "answered": 4 / 8, "accuracy": 2 / 8,
                  "box_follows_name": 2 / 4, "names_target": 2 / 4, "zoom_on_target": 4 / 4,
-                 "calls": 6.0}
+                 "restates_target": 2 / 8, "calls": 6.0}
 
 
 def test_format_train_runs_crops_first_then_the_kind_weights_then_the_protocol(base_dir):
@@ -334,14 +424,14 @@ def test_format_train_runs_crops_first_then_the_kind_weights_then_the_protocol(b
     rc = RolloutConfig(max_turns=3, max_turn_tokens=96, max_response_tokens=384,
                        system_prompt=tasks.SYSTEM_PROMPT)
     cfg = format_stage.FormatConfig(steps=5, batch=2, pretrain_steps=4, pretrain_batch=2, crop_first=1,
-                                    ground_first=2, kinds=(1.0, 0.0, 0.0), refresh=0.5, restate=True)
+                                    ground_first=2, kinds=(0.0, 0.0, 0.0, 1.0), refresh=0.5, restate=True)
     logged = []
     format_stage.train(pre, tasks.make_tasks(8, 0), rc, cfg, mesh, rules, lambda s, m: logged.append((s, m)))
     kinds = [next(k for k in format_stage.KINDS if m[f"format/kind/{k}"]) for _, m in logged]
     assert [s for s, _ in logged] == [1, 2, 3, 4, 5, 6, 7, 8, 9]
-    assert kinds[:4] == ["crop", "ground", "ground", "crop"]  # crops, then grounding, then `kinds`
+    assert kinds[:4] == ["crop", "ground", "ground", "read"]  # crops, then grounding, then `kinds`
     # `refresh`: about half the protocol-phase steps are caption steps again (drawn with `kinds`)
-    assert set(kinds[4:]) == {"crop", "protocol"}
+    assert set(kinds[4:]) == {"read", "protocol"}
     assert all(m["format/pretraining"] == (i < 4) for i, (_, m) in enumerate(logged))
     assert all(np.isfinite(m["format/nll"]) and m["time/build"] > 0 for _, m in logged)
     with pytest.raises(ValueError, match="crop_first=4"):
@@ -349,6 +439,6 @@ def test_format_train_runs_crops_first_then_the_kind_weights_then_the_protocol(b
     with pytest.raises(ValueError, match="ground_first=3"):
         format_stage.FormatConfig(pretrain_steps=3, crop_first=1, ground_first=3)
     with pytest.raises(ValueError, match="kinds="):
-        format_stage.FormatConfig(kinds=(0.0, 0.0, 0.0))
+        format_stage.FormatConfig(kinds=(0.0, 0.0, 0.0, 0.0))
     with pytest.raises(ValueError, match="refresh=1"):
         format_stage.FormatConfig(refresh=1.0)

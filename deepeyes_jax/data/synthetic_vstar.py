@@ -13,7 +13,7 @@ resize, whatever the pair: the full view shows a grey card, the crop shows the s
 knob is `detail` (stripe period / f, default 0.8) for zoom-needed cards; zoom-free cards are large, with
 stripes tens of resized pixels wide. Question kinds, as in V*:
 
-- `direct_attributes`: "Which two colors make up the stripes on the card with the yellow frame?",
+- `direct_attributes`: "Which two colors make up the stripes on the card with the gold frame?",
   options A-D (the four pairs). The frame colour, visible in the full view, locates the card among
   distractor cards with other frames; the target's box is the ground truth.
 - `relative_position`: "Is the card with red and cyan stripes on the left or right side of the card
@@ -49,11 +49,15 @@ PAIRS: dict[str, tuple[RGB, RGB]] = {
     "blue and yellow": ((32, 32, 224), (224, 224, 32)),
     "orange and azure": ((224, 128, 32), (32, 128, 224)),
 }
-FRAMES: dict[str, RGB] = {"red": (235, 40, 40), "green": (40, 200, 70), "blue": (60, 90, 255),
-                          "yellow": (250, 230, 40), "white": (250, 250, 250), "purple": (170, 70, 230)}
+# Frame colours are named with words no stripe pair uses, so the one frame word of an attribute question
+# is the card it asks about (its options list all four pairs: with shared words, "red" would be both).
+# A model then reads the asked card by what the word is, not by where it stands (BENCHMARKS.md, Mini-V*
+# seventh runs: with shared words the tiny model never read it).
+FRAMES: dict[str, RGB] = {"crimson": (235, 40, 40), "lime": (40, 200, 70), "cobalt": (60, 90, 255),
+                          "gold": (250, 230, 40), "white": (250, 250, 250), "purple": (170, 70, 230)}
 # With `frame_tiles`, the tile (row-major in the 4 x 3 lattice) each frame colour's card sits in: two per
 # row, spread over the columns.
-FRAME_TILES: dict[str, int] = {"red": 0, "green": 2, "blue": 5, "yellow": 7, "white": 8, "purple": 10}
+FRAME_TILES: dict[str, int] = {"crimson": 0, "lime": 2, "cobalt": 5, "gold": 7, "white": 8, "purple": 10}
 NEUTRALS: tuple[RGB, ...] = ((128, 128, 128), (250, 250, 250), (0, 0, 0))
 META_FILE = "synthetic_vstar.json"
 ZOOM_MIN_SIDE = 31  # the crop tool accepts boxes with min side > 30 px

@@ -1,12 +1,12 @@
 """The format stage: supervised training on teacher-forced episodes, the stand-in for pretraining.
 
 Two phases share one optimizer. Pretraining captions (`tasks.pretrain_example`: crops -> stripes,
-grounding boxes, zoom-free questions from the full view) are short single-turn sequences without the
-tool protocol, so perception is learnt at a quarter of an episode's cost. Then the protocol: each
-step draws a batch of tasks, writes their turns (`tasks.format_turns`) and lays each episode out on the
-host with `sampling.forced.forced_trajectory`: the tool call is parsed and executed, the crop
-processed and the observation placed in the context exactly as the sampler does in RL (token for
-token, see the tests), without a model call. The forced tokens then get the loss.
+grounding boxes, zoom-free questions from the full view, what a question asks about) are short
+single-turn sequences without the tool protocol, so perception is learnt at a quarter of an episode's
+cost. Then the protocol: each step draws a batch of tasks, writes their turns (`tasks.format_turns`)
+and lays each episode out on the host with `sampling.forced.forced_trajectory`: the tool call is parsed
+and executed, the crop processed and the observation placed in the context exactly as the sampler does
+in RL (token for token, see the tests), without a model call. The forced tokens then get the loss.
 
 The loss is the GRPO update itself with advantage 1 on every forced token and the old log-probs equal
 to the current ones: `weighted_nll` ignores the ratio, and the gradient is that of the token-mean negative
@@ -44,7 +44,10 @@ class FormatConfig:
     protocol-phase steps are caption steps again (kinds drawn with `kinds`). With `crop_as_observation`,
     crop captions show the crop as the zoom tool's observation and answer with the protocol's answer
     turn (`observation_prompt`). With `restate`, protocol episodes open their reasoning with what the
-    question asks about (`tasks.think_restate`).
+    question asks about (`tasks.think_restate`). With `name_zoom` (default), the zoom's reasoning names
+    the card it zooms into (`tasks.format_turns`'s `name`). A share `aim` of attribute zooms go into the
+    asked card (`tasks.format_turns`), a share `ground_calls` of protocol episodes are grounding calls
+    (`tasks.ground_call`).
 
     Crops first: reading a crop is the first dependency the model forms ("red and" -> "cyan" comes with
     it), and once formed, grounding (the box from the frame named in the question) learns several times
@@ -61,17 +64,27 @@ class FormatConfig:
     in grounding captions or in the protocol (first box digit equally likely with the named card's
     box and another card's); 40 grounding-only steps make it depend on it, and the protocol's boxes
     then follow the card its reasoning names (BENCHMARKS.md, Mini-V* sixth runs).
+
+    Reading: with `restate`, the protocol's reasoning restates what the question asks about (one frame
+    word), and read captions (`kinds`) train the same. The tiny model learns to copy that word slowly
+    and partly (greedy restate of the asked card on 13-39 of 76 held-out attribute items), and GRPO then
+    names one card for every question; read-only caption steps broke the protocol. The Mini-V* default
+    uses neither, nor `name_zoom` nor `ground_calls`; it uses `aim` (BENCHMARKS.md, Mini-V* seventh
+    runs).
     """
 
     steps: int = 60
     batch: int = 16
     pretrain_steps: int = 150
     pretrain_batch: int = 32
-    kinds: tuple[float, float, float] = (0.6, 0.2, 0.2)
+    kinds: tuple[float, float, float, float] = (0.6, 0.2, 0.2, 0.0)
     crop_first: int = 0
     ground_first: int = 0
     refresh: float = 0.0
     restate: bool = False
+    name_zoom: bool = True
+    ground_calls: float = 0.0
+    aim: float = 0.0
     crop_as_observation: bool = False
     lr: float = 1e-3
     zoom_prob: float = 0.5
@@ -104,12 +117,21 @@ def forced_only(traj: Trajectory) -> Trajectory:
 
 
 def episodes(sampler: Sampler, tasks: Sequence[tasks_lib.Task], rng: np.random.Generator, n: int,
-             zoom_prob: float, restate: bool = False) -> list[Trajectory]:
-    """`n` teacher-forced format-stage episodes of random tasks, loss mask on the forced tokens."""
+             zoom_prob: float, restate: bool = False, name: bool = True, ground_calls: float = 0.0,
+             aim: float = 0.0) -> list[Trajectory]:
+    """`n` teacher-forced format-stage episodes of random tasks, loss mask on the forced tokens. A share
+    `ground_calls` of them are grounding calls (`tasks.ground_call`) instead of the task's question."""
     picked = [tasks[int(i)] for i in rng.integers(len(tasks), size=n)]
-    return [forced_only(forced.forced_trajectory(
-        sampler, Prompt(image=tasks_lib.image_of(t), question=t.record["question"]),
-        tasks_lib.format_turns(t, rng, zoom_prob, restate=restate))) for t in picked]
+    out = []
+    for t in picked:
+        if ground_calls and rng.random() < ground_calls:  # no draw at 0: the default's episodes stay
+            question, turns = tasks_lib.ground_call(t, rng)
+        else:
+            question, turns = t.record["question"], tasks_lib.format_turns(t, rng, zoom_prob, restate=restate,
+                                                                          name=name, aim=aim)
+        out.append(forced_only(forced.forced_trajectory(
+            sampler, Prompt(image=tasks_lib.image_of(t), question=question), turns)))
+    return out
 
 
 def caption_pools(tasks: Sequence[tasks_lib.Task]) -> dict[str, Sequence[int]]:
@@ -117,7 +139,8 @@ def caption_pools(tasks: Sequence[tasks_lib.Task]) -> dict[str, Sequence[int]]:
     tell cards apart), full-view questions from zoom-free items, crops from any scene."""
     return {"crop": range(len(tasks)),
             "ground": [i for i, t in enumerate(tasks) if len(t.annotation["synthetic"]["targets"]) == 1],
-            "full_view": [i for i, t in enumerate(tasks) if not t.zoom_needed]}
+            "full_view": [i for i, t in enumerate(tasks) if not t.zoom_needed],
+            "read": [i for i, t in enumerate(tasks) if len(t.annotation["synthetic"]["targets"]) == 1]}
 
 
 def observation_prompt(sampler: Sampler, image: Image.Image) -> list[int]:
@@ -165,18 +188,23 @@ def probe(sampler: Sampler, tasks: Sequence[tasks_lib.Task], prompts: int, sampl
     rate, the share of answered rollouts, the accuracy, the share of successful zooms whose box is the
     tile of the card their reasoning names (`box_follows_name`), and on attribute items the shares of
     zooms that name the asked card (`names_target`) and that zoom into its tile (`zoom_on_target`,
-    chance 1/cards).
+    chance 1/cards), and the share of attribute rollouts whose first turn restates the asked card
+    (`restates_target`: whether the model reads the question; 0 for a model trained without `restate`).
     """
     picked = list(tasks[:prompts])
     trajs = sampler([Prompt(image=tasks_lib.image_of(t), question=t.record["question"]) for t in picked],
                     samples, Sample(temperature=temperature), jax.random.key(seed))
     calls = failed = ok = follows = attr_zooms = on_target = names_target = answered = correct = zoomed = 0
+    attr = restates = 0
     for i, tr in enumerate(trajs):
         task = picked[i // samples]
         syn = task.annotation["synthetic"]
         tiles = {c["frame"]: tasks_lib.tile_box(c["tile"]) for c in syn["cards"]}
         target = syn["cards"][syn["targets"][0]]
         zoomed += bool(tr.tool_calls)
+        if len(syn["targets"]) == 1:
+            attr += 1
+            restates += bool(tr.turns) and tasks_lib.think_restate(task) in tr.turns[0]
         for call in tr.tool_calls:
             calls += 1
             if call.status != "ok":
@@ -197,7 +225,8 @@ def probe(sampler: Sampler, tasks: Sequence[tasks_lib.Task], prompts: int, sampl
     return {"tool_failed_frac": failed / max(calls, 1), "zoom_rate": zoomed / n, "answered": answered / n,
             "accuracy": correct / n, "box_follows_name": follows / max(ok, 1),
             "names_target": names_target / max(attr_zooms, 1),
-            "zoom_on_target": on_target / max(attr_zooms, 1), "calls": float(calls)}
+            "zoom_on_target": on_target / max(attr_zooms, 1), "restates_target": restates / max(attr, 1),
+            "calls": float(calls)}
 
 
 def train(pre: Pretrained, tasks: Sequence[tasks_lib.Task], rollout: RolloutConfig, cfg: FormatConfig,
@@ -229,7 +258,9 @@ def train(pre: Pretrained, tasks: Sequence[tasks_lib.Task], rollout: RolloutConf
             kind = str(rng.choice(tasks_lib.PRETRAIN_KINDS, p=np.asarray(cfg.kinds) / np.sum(cfg.kinds)))
         else:
             kind = "protocol"
-        trajs = (episodes(sampler, tasks, rng, cfg.batch, cfg.zoom_prob, cfg.restate) if kind == "protocol"
+        trajs = (episodes(sampler, tasks, rng, cfg.batch, cfg.zoom_prob, cfg.restate, cfg.name_zoom,
+                          cfg.ground_calls, cfg.aim)
+                 if kind == "protocol"
                  else captions(plain, tasks, rng, cfg.pretrain_batch, kind, pools, cfg.crop_as_observation))
         batch = batch_lib.pack(trajs, np.ones(len(trajs), np.float32), pre.config.vision, cfg.micro_batches)
         return kind, trajs, batch, time.perf_counter() - t0

@@ -33,6 +33,7 @@ from deepeyes_jax.minivstar import format_stage
 from deepeyes_jax.minivstar import tasks as tasks_lib
 from deepeyes_jax.model import checkpoint as ckpt_lib
 from deepeyes_jax.model import sharding
+from deepeyes_jax.rl import checkpoint as rl_ckpt
 from deepeyes_jax.rl import plots, trainer, writers
 from deepeyes_jax.sampling import Sampler
 
@@ -98,6 +99,8 @@ def format_model(c: ml_collections.ConfigDict, workdir: str, base: str, mesh, ru
                                      pretrain_batch=c.format.pretrain_batch, kinds=tuple(c.format.kinds),
                                      crop_first=c.format.crop_first, ground_first=c.format.ground_first,
                                      refresh=c.format.refresh, restate=c.format.restate,
+                                     name_zoom=c.format.name_zoom, ground_calls=c.format.ground_calls,
+                                     aim=c.format.aim,
                                      crop_as_observation=c.format.crop_as_observation,
                                      lr=c.format.lr,
                                      zoom_prob=c.format.zoom_prob, seed=c.seed,
@@ -164,6 +167,21 @@ def summarize(start: dict[str, Any], end: dict[str, Any], seconds: dict[str, flo
     return out
 
 
+def grpo(g: ml_collections.ConfigDict, grpo_dir: str) -> None:
+    """The GRPO stage (`trainer.run`), marked done only when its last step is saved: a run stopped by
+    SIGTERM (the trainer saves and returns) exits here, and the same command resumes it."""
+    if _done(grpo_dir):
+        return
+    trainer.run(g, grpo_dir)
+    ckpt = rl_ckpt.Checkpointer(grpo_dir)
+    steps = ckpt.steps()
+    ckpt.close()
+    if not steps or steps[-1] < g.steps:
+        raise SystemExit(f"GRPO stopped at step {steps[-1] if steps else 0} of {g.steps} (preempted); "
+                         "rerun the same command to resume it")
+    _mark(grpo_dir)
+
+
 def run(c: ml_collections.ConfigDict, workdir: str, shared: str | None = None) -> dict[str, Any]:
     """Runs every stage (see the module docstring); returns the summary.
 
@@ -192,9 +210,7 @@ def run(c: ml_collections.ConfigDict, workdir: str, shared: str | None = None) -
     with g.unlocked():
         g.model.checkpoint = fmt
     grpo_dir = os.path.join(workdir, "grpo")
-    if not _done(grpo_dir):
-        trainer.run(g, grpo_dir)
-        _mark(grpo_dir)
+    grpo(g, grpo_dir)
     seconds["grpo"] = time.time() - t
     t = time.time()
     end = evaluate(c, os.path.join(grpo_dir, "checkpoints"), fmt, held, os.path.join(workdir, "eval_end"),

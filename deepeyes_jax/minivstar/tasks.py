@@ -10,28 +10,31 @@ tool term); zoom-free items are `"minivstar_free"`, the same answer rules withou
 non-V* share of DeepEyes' mixture (ThinkLite) has none. Options are shuffled per item.
 
 The format stage's turns (`format_turns`) are what a pretrained VLM brings: the protocol, boxes that
-enclose objects, reasoning that points at what it zooms into, and reading what it sees; but not where
-or when to look. Each item is zoomed with probability `zoom_prob` whatever it needs, into the tile of a
-random card of the scene (a coarse box around some object). The zoom turn's reasoning names that card
-by its frame ("Zoom in on the card with the red frame.") and the box is its tile, so the model learns
-to ground the card it names, and names one at random. With `restate` (the Mini-V* default) the
-reasoning first says what the question asks about, in the words of the item's `target_object`
-annotation ("The question asks about the card with the yellow frame."), as a pretrained model reads
-a question; the card it then names and zooms into is still random. The answer reports the last
-image the model looked at: after a zoom, the stripes of the card it zoomed into (relative items: an
-arbitrary option, one card cannot settle them); without one, the right option when the full view
-shows it (zoom-free items), else an arbitrary option. So the starting model zooms at random, reads
-whatever card it zoomed into, and is right only when that card happens to be the one asked about.
-Every zoom teaches reading a crop, and nothing ties the named card to the question: GRPO has to
-learn to name, and so zoom into, the card the question asks about, and when zooming pays. Answers are
-the option's text, as DeepEyes' curated training answers are open-ended (the rule judge accepts a
-letter or the option text).
+enclose objects, and reading what it sees; but not where or when to look. Each item is zoomed with
+probability `zoom_prob` whatever it needs, into the tile of a random card of the scene (a coarse box
+around some object), or with probability `aim` (attribute items; 0.2 in the Mini-V* default) into the
+asked card's: a weak prior, as a pretrained VLM zooms better than chance but not reliably. The Mini-V*
+default's zoom turn names nothing ("Zoom in on a card."): the box is
+where the model looks, and grounding captions (below) are the only place a frame word decides a box.
+Two options add reasoning that points at the card: with `name`, the zoom turn names the card it zooms
+into by its frame ("Zoom in on the crimson card."), so the box follows the name, named at random; with
+`restate`, the first turn opens by saying what the question asks about, in the words of the item's
+`target_object` annotation ("The question asks about the card with the gold frame."), as a pretrained
+model reads a question. Neither ties the card zoomed into to the question (BENCHMARKS.md, Mini-V*
+sixth and seventh runs measure both). The answer reports the last image the model looked at: after a
+zoom, the stripes of the card it zoomed into (relative items: an arbitrary option, one card cannot
+settle them); without one, the right option when the full view shows it (zoom-free items), else an
+arbitrary option. So the starting model zooms mostly at random, reads whatever card it zoomed into,
+and is right only when that card is the one asked about. GRPO has to learn to zoom into the card the
+question asks about, and when zooming pays. Answers are the option's text, as DeepEyes' curated
+training answers are open-ended (the rule judge accepts a letter or the option text).
 
 Before the protocol, `pretrain_example` gives the perception a pretrained VLM has, as short
 single-turn captions without the tool protocol: the stripes of a card seen in a crop of its tile, the
 box (tile) of the card with a given frame (grounding: the bare `bbox_2d` JSON Qwen2.5-VL is trained to
-write), and the answer to a zoom-free question from the full view. Nothing there says to zoom, when,
-or which card a question needs.
+write), the answer to a zoom-free question from the full view, and (kind "read", off by default) what
+a question asks about (the restated target, as a language model reads a question). Nothing there
+says to zoom, when, or into which card.
 """
 
 from __future__ import annotations
@@ -59,17 +62,26 @@ SYSTEM_PROMPT = ("You are a helpful assistant.\n\n# Tools\n"
                  "image_zoom_in_tool(bbox_2d=[x1, y1, x2, y2], label): "
                  "zoom in on a region of the image. Call it inside <tool_call></tool_call>.")
 THINK_ANSWER = "I can answer."
+THINK_LOOK = "Zoom in on a card."  # a zoom turn's reasoning without `name`
 
 
 def think_zoom(frame: str) -> str:
-    """The reasoning of a zoom turn: it names the card it zooms into (by its frame)."""
-    return f"Zoom in on the card with the {frame} frame."
+    """The reasoning of a zoom turn: it names the card it zooms into (by its frame colour). Worded
+    unlike `think_restate` ("... the card with the gold frame."), so the two slots a frame word fills
+    follow different words: with the same wording a 2-layer model fills both alike and never learns to
+    read the question into the first (BENCHMARKS.md, Mini-V* seventh runs)."""
+    return f"Zoom in on the {frame} card."
 
 
 def think_restate(task: Task) -> str:
     """The first sentence of a first turn with `restate`: what the question asks about, in the words
-    of its V*-style `target_object` annotation ("card with the yellow frame")."""
-    return "The question asks about the " + " and the ".join(task.annotation["target_object"]) + "."
+    of its V*-style `target_object` annotation ("card with the gold frame")."""
+    return restate(task.annotation["target_object"])
+
+
+def restate(objects: list[str]) -> str:
+    """"The question asks about the card with the gold frame." for objects ["card with the gold frame"]."""
+    return "The question asks about the " + " and the ".join(objects) + "."
 
 
 @dataclasses.dataclass(frozen=True)
@@ -135,11 +147,13 @@ def right_option(task: Task) -> str:
 
 
 def format_turns(task: Task, rng: np.random.Generator, zoom_prob: float = 0.5,
-                 cfg: sv.SyntheticConfig = SYNTHETIC, restate: bool = False) -> list[str]:
+                 cfg: sv.SyntheticConfig = SYNTHETIC, restate: bool = False, name: bool = True,
+                 aim: float = 0.0) -> list[str]:
     """The teacher-forced assistant turns of one format-stage episode (see the module docstring);
     `cfg` is the generator configuration the task was made with. With `restate`, the first turn's
     reasoning opens by saying what the question asks about (`think_restate`); the card it then zooms
-    into is still random."""
+    into is still random. Without `name`, the zoom's reasoning does not name that card (`THINK_LOOK`).
+    A share `aim` of the zooms of attribute items go into the asked card instead of a random one."""
     rec, syn = task.record, task.annotation["synthetic"]
     right = right_option(task)
     arbitrary = rec["options"][int(rng.integers(len(rec["options"])))]
@@ -148,12 +162,31 @@ def format_turns(task: Task, rng: np.random.Generator, zoom_prob: float = 0.5,
         return [answer_turn(right if not task.zoom_needed else arbitrary, lead + THINK_ANSWER)]
     card = syn["cards"][int(rng.integers(len(syn["cards"])))]
     relative = len(syn["targets"]) > 1
-    return [zoom_turn(tile_box(card["tile"], cfg), lead + think_zoom(card["frame"])),
+    if aim and not relative and rng.random() < aim:  # no draw at 0: the default's episodes stay
+        card = syn["cards"][syn["targets"][0]]
+    think = think_zoom(card["frame"]) if name else THINK_LOOK
+    return [zoom_turn(tile_box(card["tile"], cfg), lead + think),
             answer_turn(arbitrary if relative else card["stripes"])]
 
 
+def ground_question(frame: str) -> str:
+    return f"Where is the card with the {frame} frame?"
+
+
+def ground_call(task: Task, rng: np.random.Generator, cfg: sv.SyntheticConfig = SYNTHETIC
+                ) -> tuple[str, list[str]]:
+    """(question, turns) of a grounding call: asked where a random card of the scene is, the model
+    zooms into its tile and reports its stripes. Grounding in the tool protocol, as a pretrained VLM
+    grounds a named object in whatever format it is asked for; nothing says which card a question
+    about stripes needs."""
+    cards = task.annotation["synthetic"]["cards"]
+    card = cards[int(rng.integers(len(cards)))]
+    return ground_question(card["frame"]), [zoom_turn(tile_box(card["tile"], cfg), THINK_LOOK),
+                                             answer_turn(card["stripes"])]
+
+
 CROP_QUESTION = "Which two colors make up the stripes on the card?"
-PRETRAIN_KINDS = ("crop", "ground", "full_view")
+PRETRAIN_KINDS = ("crop", "ground", "full_view", "read")
 
 
 def grounding_text(box: list[int]) -> str:
@@ -167,7 +200,9 @@ def pretrain_example(task: Task, kind: str, rng: np.random.Generator,
 
       crop:      a random card's tile, cropped from the original -> its stripes;
       ground:    the full image, "Where is the card with the F frame?" -> its tile box (resized frame);
-      full_view: the full image and the item's question -> the right option (zoom-free items only).
+      full_view: the full image and the item's question -> the right option (zoom-free items only);
+      read:      the full image and the item's question (half the time without its options) -> what
+                 it asks about (`think_restate`; attribute items only).
     """
     syn = task.annotation["synthetic"]
     card = syn["cards"][int(rng.integers(len(syn["cards"])))]
@@ -175,8 +210,14 @@ def pretrain_example(task: Task, kind: str, rng: np.random.Generator,
         x, y, w, h = cfg.tile_box(card["tile"])
         return image_of(task).crop((x, y, x + w, y + h)), CROP_QUESTION, answer_turn(card["stripes"])
     if kind == "ground":
-        return (image_of(task), f"Where is the card with the {card['frame']} frame?",
+        return (image_of(task), ground_question(card["frame"]),
                 grounding_text(tile_box(card["tile"], cfg)))
+    if kind == "read":
+        if len(task.annotation["target_object"]) != 1:
+            raise ValueError("read captions need an attribute item (one card asked about)")
+        # half of them the bare question, without options: the frame word a few tokens from the answer
+        question = task.record["question"] if rng.random() < 0.5 else task.annotation["question"]
+        return image_of(task), question, think_restate(task) + "<|im_end|>"
     if kind == "full_view":
         if task.zoom_needed:
             raise ValueError("full_view captions need a zoom-free item: the full view hides this answer")

@@ -30,11 +30,12 @@ BASE_VOCAB = 672
 
 def corpus() -> list[str]:
     """The texts the BPE merges are learned from (each weighted by repetition)."""
-    from deepeyes_jax.minivstar.tasks import SYSTEM_PROMPT
+    from deepeyes_jax.minivstar.tasks import SYSTEM_PROMPT, restate, think_zoom
 
     texts = [prompts.SYSTEM_PROMPT_V2, prompts.USER_SUFFIX_V2, SYSTEM_PROMPT, SYSTEM_PROMPT]
-    for frame in FRAMES:
-        texts.append(f"Which two colors make up the stripes on the card with the {frame} frame?")
+    for frame in FRAMES:  # with the reasoning that names frames, so each frame word is one token
+        texts.append(f"Which two colors make up the stripes on the card with the {frame} frame? "
+                     + restate([f"card with the {frame} frame"]) + " " + think_zoom(frame))
     for p1 in PAIRS:
         for p2 in PAIRS:
             for how in ("on the left or right side of", "above or below"):
