@@ -127,8 +127,8 @@ def episodes(sampler: Sampler, tasks: Sequence[tasks_lib.Task], rng: np.random.G
         if ground_calls and rng.random() < ground_calls:  # no draw at 0: the default's episodes stay
             question, turns = tasks_lib.ground_call(t, rng)
         else:
-            question, turns = t.record["question"], tasks_lib.format_turns(t, rng, zoom_prob, restate=restate,
-                                                                          name=name, aim=aim)
+            question = t.record["question"]
+            turns = tasks_lib.format_turns(t, rng, zoom_prob, restate=restate, name=name, aim=aim)
         out.append(forced_only(forced.forced_trajectory(
             sampler, Prompt(image=tasks_lib.image_of(t), question=question), turns)))
     return out
@@ -137,10 +137,9 @@ def episodes(sampler: Sampler, tasks: Sequence[tasks_lib.Task], rng: np.random.G
 def caption_pools(tasks: Sequence[tasks_lib.Task]) -> dict[str, Sequence[int]]:
     """Per caption kind, the tasks it can draw from: grounding from attribute scenes (their frames
     tell cards apart), full-view questions from zoom-free items, crops from any scene."""
-    return {"crop": range(len(tasks)),
-            "ground": [i for i, t in enumerate(tasks) if len(t.annotation["synthetic"]["targets"]) == 1],
-            "full_view": [i for i, t in enumerate(tasks) if not t.zoom_needed],
-            "read": [i for i, t in enumerate(tasks) if len(t.annotation["synthetic"]["targets"]) == 1]}
+    one_card = [i for i, t in enumerate(tasks) if len(t.annotation["synthetic"]["targets"]) == 1]
+    return {"crop": range(len(tasks)), "ground": one_card,
+            "full_view": [i for i, t in enumerate(tasks) if not t.zoom_needed], "read": one_card}
 
 
 def observation_prompt(sampler: Sampler, image: Image.Image) -> list[int]:

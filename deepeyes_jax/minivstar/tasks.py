@@ -14,8 +14,8 @@ enclose objects, and reading what it sees; but not where or when to look. Each i
 probability `zoom_prob` whatever it needs, into the tile of a random card of the scene (a coarse box
 around some object), or with probability `aim` (attribute items; 0.2 in the Mini-V* default) into the
 asked card's: a weak prior, as a pretrained VLM zooms better than chance but not reliably. The Mini-V*
-default's zoom turn names nothing ("Zoom in on a card."): the box is
-where the model looks, and grounding captions (below) are the only place a frame word decides a box.
+default's zoom turn names nothing ("Zoom in on a card."): the box is where the model looks, and
+grounding captions (below) are the only place a frame word decides a box.
 Two options add reasoning that points at the card: with `name`, the zoom turn names the card it zooms
 into by its frame ("Zoom in on the crimson card."), so the box follows the name, named at random; with
 `restate`, the first turn opens by saying what the question asks about, in the words of the item's
