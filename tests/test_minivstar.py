@@ -127,6 +127,8 @@ def test_format_turns_zoom_a_random_named_card_and_read_the_last_view():
         for _ in range(5):
             turns = tasks.format_turns(t, rng, zoom_prob=0.5)
             said = turns[-1].split("<answer>")[1].split("</answer>")[0]
+            if tasks.is_relative(t):  # relative items answer with a letter (tasks.written)
+                said = t.record["options"][choices.LETTERS.index(said)]
             assert said in t.record["options"]
             right = said == t.annotation["options"][0]
             if len(turns) == 1:
@@ -193,6 +195,25 @@ def test_aim_sends_that_share_of_attribute_zooms_into_the_asked_card():
     for t in relative:
         assert (tasks.format_turns(t, np.random.default_rng(1), 1.0, aim=1.0)
                 == tasks.format_turns(t, np.random.default_rng(1), 1.0))
+
+
+def test_relative_items_answer_with_the_letter_and_attribute_items_with_the_text():
+    ts = tasks.make_tasks(40, seed=3)
+    relative = [t for t in ts if tasks.is_relative(t)]
+    free_attr = [t for t in ts if not t.zoom_needed and not tasks.is_relative(t)]
+    assert relative and free_attr
+    rng = np.random.default_rng(0)
+    answer = lambda turn: turn.split("<answer>")[1].split("</answer>")[0]
+    for t in relative:
+        _, _, turn = tasks.pretrain_example(t, "full_view", rng)
+        assert answer(turn) == t.record["answer"]  # the right letter, as the rule judge reads it
+        assert choices.answer_letter(answer(turn), t.record["options"]) == t.record["answer"]
+        said = {answer(tasks.format_turns(t, rng, zoom_prob=z)[-1]) for z in (0.0, 1.0) for _ in range(8)}
+        assert said <= set(choices.LETTERS[:len(t.record["options"])])
+        assert t.record["answer"] in said  # without a zoom: the full view's right letter
+    for t in free_attr:
+        _, _, turn = tasks.pretrain_example(t, "full_view", rng)
+        assert answer(turn) == tasks.right_option(t) and len(answer(turn)) > 1
 
 
 def test_pretrain_captions_show_what_the_view_holds(base_dir):
@@ -416,6 +437,36 @@ def test_probe_counts_failed_calls_named_boxes_and_target_zooms():
     assert p == {"tool_failed_frac": 2 / 6, "zoom_rate": 6 / 8, "answered": 4 / 8, "accuracy": 2 / 8,
                  "box_follows_name": 2 / 4, "names_target": 2 / 4, "zoom_on_target": 4 / 4,
                  "restates_target": 2 / 8, "calls": 6.0}
+
+
+def test_box_prior_scores_each_tiles_zoom_turn_as_the_sampler_does(base_dir):
+    mesh, pre, sampler = _format_setup(base_dir)
+    pre.model.embed[...] = pre.model.embed[...] * 50  # peaked next-token distributions (tied head)
+    ts = tasks.make_tasks(12, seed=2)
+    attr = [t for t in ts if not tasks.is_relative(t)]
+    assert len(attr) < len(ts)  # relative items are skipped
+    with jax.set_mesh(mesh):
+        got = format_stage.box_prior(sampler, ts, 1, chunk=5)  # chunks of 5: the 12 tiles in 3 batches
+        raw = format_stage.tile_scores(sampler, attr[:1], chunk=5)[0]
+        # the same turns forced through the sampler's own decoding, which records each token's log-prob
+        t = attr[0]
+        turns = [[tasks.zoom_turn(tasks.tile_box(i), tasks.THINK_LOOK)] for i in range(12)]
+        trajs = sampler([Prompt(image=tasks.image_of(t), question=t.record["question"])] * 12, 1, Greedy(),
+                        jax.random.key(0), forced=turns)
+    scores = np.array([tr.logprobs[:int(np.argmin(tr.source == engine.FORCED))].sum() for tr in trajs])
+    np.testing.assert_allclose(raw, scores, rtol=1e-4, atol=1e-3)  # the whole turn's log-prob per tile
+    p = np.exp(scores - scores.max())
+    p /= p.sum()
+    syn = t.annotation["synthetic"]
+    tiles, target = [c["tile"] for c in syn["cards"]], syn["cards"][syn["targets"][0]]["tile"]
+    want = {"asked_tile": p[target], "card_tiles": p[tiles].sum(),
+            "asked_among_cards": p[target] / p[tiles].sum(), "chance_among_cards": 1 / len(tiles),
+            "asked_most_likely": float(np.argmax(p) == target), "items": 1}
+    assert got.keys() == want.keys()
+    for k in want:
+        np.testing.assert_allclose(got[k], want[k], rtol=2e-3, atol=1e-4, err_msg=k)
+    with pytest.raises(ValueError, match="attribute items"):
+        format_stage.box_prior(sampler, [t for t in ts if tasks.is_relative(t)], 4)
 
 
 def test_format_train_runs_crops_first_then_the_kind_weights_then_the_protocol(base_dir):

@@ -228,6 +228,67 @@ def probe(sampler: Sampler, tasks: Sequence[tasks_lib.Task], prompts: int, sampl
             "calls": float(calls)}
 
 
+@nnx.jit
+def _token_logprobs(model, mb: batch_lib.TrainBatch) -> jax.Array:
+    return step_lib.policy_logprobs(model, mb)[0]
+
+
+def tile_scores(sampler: Sampler, tasks: Sequence[tasks_lib.Task], chunk: int = 32) -> np.ndarray:
+    """[len(tasks), tiles] log-probabilities of a first turn zooming (`tasks.THINK_LOOK`) into each tile of
+    the scene lattice, teacher-forced (the whole turn, `<think>` to `</tool_call>`)."""
+    n_tiles = int(np.prod(tasks_lib.SYNTHETIC.tiles))
+    trajs, spans = [], []
+    for t in tasks:
+        prompt = Prompt(image=tasks_lib.image_of(t), question=t.record["question"])
+        for tile in range(n_tiles):
+            turn = tasks_lib.zoom_turn(tasks_lib.tile_box(tile), tasks_lib.THINK_LOOK)
+            tr = forced.forced_trajectory(sampler, prompt, [turn])
+            forced_tokens = tr.source == engine.FORCED  # the turn, then its (non-forced) observation
+            first = len(forced_tokens) if forced_tokens.all() else int(np.argmin(forced_tokens))
+            trajs.append(tr)
+            spans.append((len(tr.prompt_ids), len(tr.prompt_ids) + first))
+    scores = []
+    for s in range(0, len(trajs), chunk):
+        part = trajs[s:s + chunk]
+        batch = batch_lib.pack(part, np.zeros(len(part), np.float32), sampler.model.cfg.vision, 1)
+        logp = np.asarray(_token_logprobs(sampler.model, jax.tree.map(lambda x: x[0], batch)))
+        # logp[:, i] is the log-prob of token i + 1
+        scores += [logp[r, a - 1:b - 1].sum() for r, (a, b) in enumerate(spans[s:s + chunk])]
+    return np.asarray(scores).reshape(len(tasks), n_tiles)
+
+
+def box_prior(sampler: Sampler, tasks: Sequence[tasks_lib.Task], items: int, chunk: int = 32
+              ) -> dict[str, float]:
+    """Where the model's first tool call looks, teacher-forced: on the first `items` attribute items,
+    `tile_scores` normalised over the tiles.
+
+    Greedy decoding picks a box token by token (the first digit of x1 first), so it can hide a
+    preference for whole boxes that GRPO's samples see. Returns the mean probability of the asked
+    card's tile (`asked_tile`), of the tiles holding a scene card (`card_tiles`), of the asked tile among
+    those (`asked_among_cards`, against `chance_among_cards`: one over the cards), and the share of
+    items whose most likely tile is the asked card's (`asked_most_likely`).
+    """
+    picked = [t for t in tasks if not tasks_lib.is_relative(t)][:items]
+    if not picked:
+        raise ValueError("box_prior needs attribute items (one card asked about); none were given")
+    scores = tile_scores(sampler, picked, chunk)
+    probs = np.exp(scores - scores.max(axis=1, keepdims=True))
+    probs /= probs.sum(axis=1, keepdims=True)
+    asked, cards, among, chance, top = [], [], [], [], []
+    for t, p in zip(picked, probs, strict=True):
+        syn = t.annotation["synthetic"]
+        tiles = [c["tile"] for c in syn["cards"]]
+        target = syn["cards"][syn["targets"][0]]["tile"]
+        asked.append(p[target])
+        cards.append(p[tiles].sum())
+        among.append(p[target] / p[tiles].sum())
+        chance.append(1 / len(tiles))
+        top.append(int(np.argmax(p)) == target)
+    return {"asked_tile": float(np.mean(asked)), "card_tiles": float(np.mean(cards)),
+            "asked_among_cards": float(np.mean(among)), "chance_among_cards": float(np.mean(chance)),
+            "asked_most_likely": float(np.mean(top)), "items": float(len(picked))}
+
+
 def train(pre: Pretrained, tasks: Sequence[tasks_lib.Task], rollout: RolloutConfig, cfg: FormatConfig,
           mesh: jax.sharding.Mesh, rules: sharding.Rules,
           log: Callable[[int, dict[str, float]], None] | None = None) -> Pretrained:

@@ -6,7 +6,7 @@ rerun resumes (the GRPO stage resumes from its last Orbax checkpoint):
   heldout/            the held-out items in V* Bench's folder format (+ oracle.json)
   base/               the randomly initialised Hugging Face directory
   format/             the model after the format stage (Hugging Face directory) + metrics.jsonl; its
-                      .done holds the stage's time and `format_stage.probe` of the model
+                      .done holds the stage's time, `format_stage.probe` and `format_stage.box_prior`
   eval_start/         evaluation of format/ on heldout/ (results.json, results.md)
   grpo/               the GRPO run (metrics.jsonl, trajectories, Orbax checkpoints)
   eval_end/           evaluation of the last GRPO checkpoint on heldout/
@@ -109,14 +109,17 @@ def format_model(c: ml_collections.ConfigDict, workdir: str, base: str, mesh, ru
     pre = format_stage.train(pre, tasks, rollout, fcfg, mesh, rules, log)
     writer.close()
     pre.export(path)
-    # How GRPO will find it: sampled at the GRPO temperature (the greedy evaluation hides sampling errors).
+    # How GRPO will find it: sampled at the GRPO temperature (the greedy evaluation hides sampling errors),
+    # and where its tool call looks, teacher-forced (the prior GRPO has to sharpen).
+    sampler = Sampler(pre.model, pre.tokenizer, pre.image_processor, rollout)
     with jax.set_mesh(mesh):
-        probe = format_stage.probe(Sampler(pre.model, pre.tokenizer, pre.image_processor, rollout), tasks,
-                                   c.format.probe_prompts, c.format.probe_samples, c.grpo.rollout.temperature,
-                                   seed=c.seed)
+        probe = format_stage.probe(sampler, tasks, c.format.probe_prompts, c.format.probe_samples,
+                                   c.grpo.rollout.temperature, seed=c.seed)
+        prior = format_stage.box_prior(sampler, tasks, c.format.prior_items)
     _log("format stage sampled at temperature {}: {}".format(
         c.grpo.rollout.temperature, ", ".join(f"{k} {v:.3f}" for k, v in probe.items())))
-    _mark(path, {"seconds": time.time() - t0, "probe": probe})
+    _log("format stage box prior (teacher-forced): " + ", ".join(f"{k} {v:.3f}" for k, v in prior.items()))
+    _mark(path, {"seconds": time.time() - t0, "probe": probe, "box_prior": prior})
     return path
 
 
@@ -148,7 +151,7 @@ def _headline(report: dict[str, Any], order: str = "shuffled") -> dict[str, floa
 
 
 def summarize(start: dict[str, Any], end: dict[str, Any], seconds: dict[str, float], path: str,
-              label: str) -> dict[str, Any]:
+              label: str, prior: dict[str, float] | None = None) -> dict[str, Any]:
     a, b = _headline(start), _headline(end)
     fmt = lambda v: "-" if v is None else f"{v:.3f}"  # noqa: E731
     lines = [f"# Mini-V* ({label})", "", "Held-out items, greedy, options shuffled (seeded).", "",
@@ -156,11 +159,18 @@ def summarize(start: dict[str, Any], end: dict[str, Any], seconds: dict[str, flo
     for k in a:
         d = None if a[k] is None or b[k] is None else b[k] - a[k]
         lines.append(f"| {k} | {fmt(a[k])} | {fmt(b[k])} | {fmt(d)} |")
+    if prior:
+        lines += ["", "The format model's tool-call box, teacher-forced over the 12 tiles on {:.0f} training "
+                  "attribute items (`format_stage.box_prior`): P(asked card's tile) {:.3f}, P(a scene card's "
+                  "tile) {:.3f}, P(asked | scene cards) {:.3f} (chance {:.3f}), asked tile the most likely "
+                  "on {:.3f} of items.".format(prior["items"], prior["asked_tile"], prior["card_tiles"],
+                                               prior["asked_among_cards"], prior["chance_among_cards"],
+                                               prior["asked_most_likely"])]
     lines += ["", "Wall time (s): " + ", ".join(f"{k} {v:.0f}" for k, v in seconds.items())]
     text = "\n".join(lines) + "\n"
     with open(path + ".md", "w") as f:
         f.write(text)
-    out = {"label": label, "start": a, "end": b, "seconds": seconds}
+    out = {"label": label, "start": a, "end": b, "seconds": seconds, "box_prior": prior}
     with open(path + ".json", "w") as f:
         json.dump(out, f, indent=1)
     print(text, flush=True)
@@ -221,7 +231,9 @@ def run(c: ml_collections.ConfigDict, workdir: str, shared: str | None = None) -
     viewer.write_page(os.path.join(workdir, "eval_end"), os.path.join(workdir, "view.html"), None, "all",
                       c.eval.view_items, f"Mini-V* held-out, end of GRPO ({c.label})")
     jax.effects_barrier()
-    out = summarize(start, end, seconds, os.path.join(workdir, "summary"), c.label)
+    with open(os.path.join(fmt, DONE)) as f:
+        prior = json.load(f).get("box_prior")  # absent in format stages written before it existed
+    out = summarize(start, end, seconds, os.path.join(workdir, "summary"), c.label, prior)
     out["viewer"] = os.path.join(workdir, "view.html")
     return out
 
