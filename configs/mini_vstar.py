@@ -102,7 +102,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     g.rollout.system_prompt = tasks.SYSTEM_PROMPT
     # 0.5, not the recipe's 1.0: at 1.0 the tiny format model's sampled calls fail 0.42 of the time and
     # GRPO unlearns zooming (BENCHMARKS.md, Mini-V* fifth runs); at 0.7 zooming died with 2 of 4 seeds
-    # and format models, at 0.5 it stayed with both seeds tried (eighth runs). A deviation for the size.
+    # and format models, at 0.5 it stayed with all 3 seeds tried (eighth runs). A deviation for the size.
     g.rollout.temperature = 0.5
     g.reward.tool_reward = a["variant"]
     g.optim.lr = 2e-4
