@@ -137,7 +137,7 @@ def episodes(sampler: Sampler, tasks: Sequence[tasks_lib.Task], rng: np.random.G
 def caption_pools(tasks: Sequence[tasks_lib.Task]) -> dict[str, Sequence[int]]:
     """Per caption kind, the tasks it can draw from: grounding from attribute scenes (their frames
     tell cards apart), full-view questions from zoom-free items, crops from any scene."""
-    one_card = [i for i, t in enumerate(tasks) if len(t.annotation["synthetic"]["targets"]) == 1]
+    one_card = [i for i, t in enumerate(tasks) if not tasks_lib.is_relative(t)]
     return {"crop": range(len(tasks)), "ground": one_card,
             "full_view": [i for i, t in enumerate(tasks) if not t.zoom_needed], "read": one_card}
 
@@ -200,8 +200,9 @@ def probe(sampler: Sampler, tasks: Sequence[tasks_lib.Task], prompts: int, sampl
         syn = task.annotation["synthetic"]
         tiles = {c["frame"]: tasks_lib.tile_box(c["tile"]) for c in syn["cards"]}
         target = syn["cards"][syn["targets"][0]]
+        attribute = not tasks_lib.is_relative(task)
         zoomed += bool(tr.tool_calls)
-        if len(syn["targets"]) == 1:
+        if attribute:
             attr += 1
             restates += bool(tr.turns) and tasks_lib.think_restate(task) in tr.turns[0]
         for call in tr.tool_calls:
@@ -213,7 +214,7 @@ def probe(sampler: Sampler, tasks: Sequence[tasks_lib.Task], prompts: int, sampl
             box = [round(v) for v in call.box_model]
             named = [f for f in tiles if tasks_lib.think_zoom(f) in tr.turns[call.turn]]
             follows += bool(named) and box == tiles[named[0]]
-            if len(syn["targets"]) == 1:
+            if attribute:
                 attr_zooms += 1
                 on_target += box == tiles[target["frame"]]
                 names_target += tasks_lib.think_zoom(target["frame"]) in tr.turns[call.turn]

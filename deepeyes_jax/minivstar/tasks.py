@@ -229,7 +229,7 @@ def pretrain_example(task: Task, kind: str, rng: np.random.Generator,
         return (image_of(task), ground_question(card["frame"]),
                 grounding_text(tile_box(card["tile"], cfg)))
     if kind == "read":
-        if len(task.annotation["target_object"]) != 1:
+        if is_relative(task):
             raise ValueError("read captions need an attribute item (one card asked about)")
         # half of them the bare question, without options: the frame word a few tokens from the answer
         question = task.record["question"] if rng.random() < 0.5 else task.annotation["question"]
