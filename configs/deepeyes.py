@@ -100,7 +100,9 @@ def get_config(arg: str = "model=tiny") -> ml_collections.ConfigDict:
     c.optim.micro_batches = preset["micro_batches"]
     c.optim.remat = True
     c.optim.freeze_vision = False
-    c.optim.old_logprobs = "recompute"  # recompute | sampler
+    c.optim.old_logprobs = "recompute"  # recompute | sampler | current (step.UpdateConfig)
+    c.optim.length_multiple = 0  # 0: sequence lengths padded to powers of two; N: to multiples of N
+    c.optim.pack = False  # several trajectories per row (rl/batch.pack): the same loss, less padding
 
     c.metrics = ml_collections.ConfigDict()
     c.metrics.trajectories_per_step = 4

@@ -90,7 +90,8 @@ def test_loss_by_hand_and_zero_gradient_off_policy_tokens():
 
 
 @pytest.fixture(scope="module")
-def update_case():
+def update_rollouts():
+    """Four rollouts of the tiny checkpoint (185 tokens each, one image each) and their advantages."""
     pre = load_pretrained(fixture_path("ckpt_tied"))
     gold = np.load(fixture_path("golden_ckpt_tied.npz"))
     s = Sampler(pre.model, pre.tokenizer, pre.image_processor,
@@ -98,13 +99,17 @@ def update_case():
     pieces = json.loads(fixture_path("golden_cases.json").read_text())["interleaved"]["turns"]
     prompt = Prompt(image=gold["single_image0"], prompt_ids=gold["single_input_ids"][0].tolist())
     trajs = s([prompt], 4, Sample(), jax.random.key(1), forced=[[pieces[0]], None, [pieces[0]], None])
-    adv = grpo.advantages("grpo", np.array([1.0, 0.0, 2.0, 0.5]), 4)
-    batch = batch_lib.pack(trajs, adv, pre.config.vision, micro_batches=2)
-    return pre, batch
+    return pre, trajs, grpo.advantages("grpo", np.array([1.0, 0.0, 2.0, 0.5]), 4)
 
 
-def _grads(pre, batch, mesh, rules):
-    cfg = step_lib.UpdateConfig(lr=1e-3)
+@pytest.fixture(scope="module")
+def update_case(update_rollouts):
+    pre, trajs, adv = update_rollouts
+    return pre, batch_lib.pack(trajs, adv, pre.config.vision, micro_batches=2)
+
+
+def _grads(pre, batch, mesh, rules, cfg=None):
+    cfg = cfg or step_lib.UpdateConfig(lr=1e-3)
     opt = step_lib.make_optimizer(pre.model, cfg)
     graphdef, state = nnx.split((pre.model, opt))
     sh = sharding.state_shardings(state, mesh, rules)
@@ -150,6 +155,82 @@ def test_update_step_and_recomputed_logprobs(update_case):
     assert abs(float(m["update/ratio"]) - 1.0) < 1e-5 and float(m["update/clipfrac"]) == 0.0
     assert float(m["update/grad_norm"]) > 0 and float(m["update/tokens"]) == mask.sum()
     assert not np.array_equal(np.asarray(state[0]["embed"][...]), before)
+
+
+def test_current_old_logprobs_give_the_recomputed_update(update_case):
+    """old_logprobs="current" (the update's own forward pass, gradient stopped) gives the loss and
+    gradients of old log-probs recomputed by a separate pass, which it saves; a deliberately stale
+    batch field is ignored."""
+    pre, batch = update_case
+    mesh = sharding.make_mesh((1, 1, 1), devices=jax.devices()[:1])
+    rules = sharding.get_rules("fsdp")
+    cfg = step_lib.UpdateConfig(lr=1e-3)
+    graphdef, state = nnx.split((pre.model, step_lib.make_optimizer(pre.model, cfg)))
+    steps = step_lib.compile_steps(graphdef, state, batch, mesh, rules, cfg, with_ref=False)
+    with jax.set_mesh(mesh):
+        recomputed = np.asarray(steps.logprobs(state, steps.place(batch)))
+    # A positive and a negative advantage in every micro-batch would be clipped by a shifted old log-prob.
+    want_g, want_s = _grads(pre, batch.replace(old_logprobs=recomputed), mesh, rules, cfg)
+    stale = batch.replace(old_logprobs=recomputed + 0.5)
+    got_g, got_s = _grads(pre, stale, mesh, rules, step_lib.UpdateConfig(lr=1e-3, old_logprobs="current"))
+    off_g, _ = _grads(pre, stale, mesh, rules, cfg)
+    np.testing.assert_allclose(got_s["loss"], want_s["loss"], rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(got_s["ratio"], got_s["tokens"], rtol=1e-6)  # every ratio exactly 1
+    for a, b in zip(jax.tree.leaves(got_g), jax.tree.leaves(want_g), strict=True):
+        np.testing.assert_allclose(a, b, atol=1e-6, rtol=1e-4)
+    # the stale old log-probs do change the gradients when read from the batch
+    assert any(not np.allclose(a, b, atol=1e-6, rtol=1e-4)
+               for a, b in zip(jax.tree.leaves(off_g), jax.tree.leaves(want_g), strict=True))
+    with pytest.raises(ValueError, match="old_logprobs='fresh'"):
+        step_lib.UpdateConfig(old_logprobs="fresh")
+
+
+def test_packed_rows_give_the_unpacked_loss_and_gradients(update_case, update_rollouts):
+    """Several trajectories per row (segments in attention_mask, per-token advantages) give the loss,
+    statistics and gradients of one trajectory per row; so does a packed batch sharded over 8 devices."""
+    pre, batch = update_case
+    _, trajs, adv = update_rollouts
+    t = batch.input_ids.shape[-1]
+    n = [len(tr.input_ids) for tr in trajs]
+    assert t < 2 * min(n) <= 2 * max(n) <= 2 * t  # rows of 2t hold two, rows of t one
+    packed = batch_lib.pack(trajs, adv, pre.config.vision, micro_batches=2, min_length=2 * t, packed=True,
+                            row_multiple=1)
+    assert packed.input_ids.shape == (2, 1, 2 * t) and packed.attention_mask.max() == 2  # 2 rows of 2
+    one = sharding.make_mesh((1, 1, 1), devices=jax.devices()[:1])
+    rules = sharding.get_rules("fsdp")
+    want_g, want_s = _grads(pre, batch, one, rules)
+    for mesh, b in [(one, packed), (sharding.make_mesh((1, 8, 1)),
+                                    batch_lib.pack(trajs, adv, pre.config.vision, 2, min_length=2 * t,
+                                                   packed=True))]:  # 8 rows a micro-batch, 7 empty
+        got_g, got_s = _grads(pre, b, mesh, rules)
+        for k in ("loss", "pg_loss", "tokens", "ratio"):
+            np.testing.assert_allclose(got_s[k], want_s[k], rtol=1e-5, atol=1e-6)
+        for a, w in zip(jax.tree.leaves(got_g), jax.tree.leaves(want_g), strict=True):
+            np.testing.assert_allclose(a, w, atol=1e-5, rtol=1e-4)  # a 2x longer row sums in another order
+
+
+def test_length_buckets_and_chunked_logprobs(update_case):
+    """Multiples of a length instead of powers of two pad less; the log-probs do not depend on the
+    padded length or on how the vocabulary projection is chunked."""
+    assert batch_lib.bucket_length(300, 128) == 512
+    assert batch_lib.bucket_length(300, 128, 64) == 320
+    assert batch_lib.bucket_length(70, 128, 64) == 128
+    assert batch_lib.bucket_length(320, 128, 64) == 320
+    with pytest.raises(ValueError, match="length_multiple=-64"):
+        batch_lib.bucket_length(300, 128, -64)
+    pre, batch = update_case
+    t = batch.input_ids.shape[-1]
+    odd = t // 32 + 1  # t is a power of two >= 128
+    longest = 32 * odd  # past the padded length, and no chunk of 128 tiles it
+    padded = batch.replace(**{k: np.pad(getattr(batch, k), [(0, 0)] * (getattr(batch, k).ndim - 1)
+                                        + [(0, longest - t)])
+                              for k in ("input_ids", "attention_mask", "positions", "loss_mask")})
+    mb = jax.tree.map(lambda x: x[0], batch)
+    mb_long = jax.tree.map(lambda x: x[0], padded)
+    want, _ = step_lib.policy_logprobs(pre.model, mb)
+    got, _ = step_lib.policy_logprobs(pre.model, mb_long, chunk=128)  # gcd(longest, 128) = 32
+    mask = np.asarray(mb.attention_mask[:, 1:]) > 0
+    np.testing.assert_allclose(np.asarray(got)[:, :t - 1][mask], np.asarray(want)[mask], atol=2e-5)
 
 
 def test_kl_term_and_micro_batch_averaging_by_hand():

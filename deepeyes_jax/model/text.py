@@ -104,7 +104,13 @@ class DecoderLayer(nnx.Module):
 
 
 def causal_mask(attention_mask: jax.Array) -> jax.Array:
-    """[B, T, T]: query t sees real keys s <= t."""
+    """[B, T, T]: query t sees real keys s <= t of its own sequence.
+
+    `attention_mask` is 0 on padding and 1 on real tokens, or, in rows packed with several sequences
+    (`rl/batch.pack`), each sequence's segment number (1, 2, ...). A padding query sees every real key
+    before it (its output is never used; no row of the mask is empty unless the row is all padding).
+    """
     t = attention_mask.shape[1]
     causal = jnp.tril(jnp.ones((t, t), bool))
-    return causal[None] & attention_mask.astype(bool)[:, None, :]
+    q, k = attention_mask[:, :, None], attention_mask[:, None, :]
+    return causal[None] & (k > 0) & ((q == k) | (q == 0))

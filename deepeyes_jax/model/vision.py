@@ -142,7 +142,10 @@ def make_vision_inputs(pixel_values: np.ndarray, grid_thw: np.ndarray, cfg: Visi
                          f"{grid_thw.tolist()} needs ({expected}, {cfg.patch_dim})")
     lay = window_layout(grid_thw, cfg, num_windows, num_tokens)
     src = lay["src"]
-    patches = np.where((src >= 0)[:, None], pixel_values[np.maximum(src, 0)], 0).astype(np.float32)
+    if len(pixel_values):
+        patches = np.where((src >= 0)[:, None], pixel_values[np.maximum(src, 0)], 0).astype(np.float32)
+    else:  # no image (a micro-batch of padding rows): all padding
+        patches = np.zeros((len(src), cfg.patch_dim), np.float32)
     return VisionInputs(patches=patches, rows=lay["rows"], cols=lay["cols"],
                         image_ids=lay["image_ids"], token_index=lay["token_index"],
                         image_windows=max(max_image_windows or need, 1))

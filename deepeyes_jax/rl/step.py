@@ -9,6 +9,7 @@ applies AdamW and returns the new state (donated in place) with scalar metrics.
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any
 
 import jax
@@ -22,6 +23,8 @@ from deepeyes_jax.model import sharding
 from deepeyes_jax.model.qwen2_5_vl import Qwen25VL
 from deepeyes_jax.rl import grpo
 from deepeyes_jax.rl.batch import TrainBatch
+
+OLD_LOGPROBS = ("recompute", "sampler", "current")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,8 +45,16 @@ class UpdateConfig:
     policy_loss: str = "ppo_clip"
     freeze_vision: bool = False
     remat: bool = True
+    # Where the ratio's old log-probs come from: the batch ("recompute": the trainer's forward pass before
+    # the update, as the reference; "sampler": the sampler's), or "current": this update's own forward
+    # pass with the gradient stopped. One optimiser step per rollout batch (`train_step`) makes the
+    # parameters of both passes the same, so "current" gives the recomputed ratios (1) and gradients
+    # without the extra forward pass.
+    old_logprobs: str = "recompute"
 
     def __post_init__(self):
+        if self.old_logprobs not in OLD_LOGPROBS:
+            raise ValueError(f"old_logprobs={self.old_logprobs!r}; choose one of {OLD_LOGPROBS}")
         if self.loss_agg not in ("token_mean", "micro_batch_mean"):
             raise ValueError(f"loss_agg={self.loss_agg!r}; use 'token_mean' or 'micro_batch_mean'")
         if self.policy_loss not in grpo.POLICY_LOSSES:
@@ -66,15 +77,14 @@ def make_optimizer(model: Qwen25VL, cfg: UpdateConfig) -> nnx.Optimizer:
 def policy_logprobs(model: Qwen25VL, mb: TrainBatch, chunk: int = 256) -> tuple[jax.Array, jax.Array]:
     """log p(next token) and the entropy at every position but the last, [b, T-1] each.
 
-    The vocabulary projection runs over chunks of `chunk` positions, rematerialised in the backward
-    pass, so the [b, T, V] logits (2.5 GB for 4 x 1024 tokens of Qwen's 152k vocabulary) never exist.
+    The vocabulary projection runs over chunks of at most `chunk` positions, rematerialised in the
+    backward pass, so the [b, T, V] logits (2.5 GB for 4 x 1024 tokens of Qwen's 152k vocabulary) never exist.
     """
     feats = model.encode_images(mb.vision) if mb.vision is not None else None
     hidden = model.decode(model.embed_tokens(mb.input_ids, feats), mb.positions, mb.attention_mask)
     b, t, d = hidden.shape
-    chunk = min(chunk, t)
-    if t % chunk:
-        raise ValueError(f"sequence length {t} is not a multiple of the logits chunk {chunk}")
+    # the largest chunk that tiles t: all of it when t <= chunk; t = 320 with 256: 5 chunks of 64
+    chunk = t if t <= chunk else math.gcd(t, chunk)
     targets = jnp.roll(mb.input_ids, -1, axis=1)  # the last position's target is never used
 
     @jax.checkpoint
@@ -101,8 +111,9 @@ def loss_from_logprobs(logp: jax.Array, entropy: jax.Array, mb: TrainBatch, ref_
     normaliser) and summed token statistics. Only `loss_mask` tokens contribute, so no other position
     gets gradient."""
     mask = mb.loss_mask[:, 1:].astype(jnp.float32)
-    old = mb.old_logprobs[:, 1:]
-    adv = jnp.broadcast_to(mb.advantages[:, None], logp.shape)
+    old = jax.lax.stop_gradient(logp) if cfg.old_logprobs == "current" else mb.old_logprobs[:, 1:]
+    adv = (mb.advantages[:, 1:] if mb.advantages.ndim == 2  # per token (`batch.pack`), or per row
+           else jnp.broadcast_to(mb.advantages[:, None], logp.shape))
     tok_loss, st = grpo.POLICY_LOSSES[cfg.policy_loss](
         logp, old, adv, clip_low=cfg.clip_low, clip_high=cfg.clip_high, dual_clip=cfg.dual_clip)
     total = tok_loss - cfg.entropy_coef * entropy
@@ -209,7 +220,7 @@ def batch_shardings(batch: TrainBatch, mesh: Mesh, rules: sharding.Rules) -> Any
         if name == "positions":
             return NamedSharding(mesh, PartitionSpec(None, None, row, None))
         if name == "advantages":
-            return NamedSharding(mesh, PartitionSpec(None, row))
+            return NamedSharding(mesh, PartitionSpec(None, row, *([None] * (x.ndim - 2))))
         return NamedSharding(mesh, PartitionSpec())
 
     return jax.tree_util.tree_map_with_path(spec, batch)

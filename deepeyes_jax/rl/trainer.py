@@ -175,7 +175,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
             t2 = time.perf_counter()
 
             # pack, old log-probs, update
-            batch = batch_lib.pack(trajs, adv, pre.config.vision, config.optim.micro_batches)
+            batch = batch_lib.pack(trajs, adv, pre.config.vision, config.optim.micro_batches,
+                                   length_multiple=config.optim.get("length_multiple", 0),
+                                   packed=config.optim.get("pack", False))
             compiled = step_lib.steps_for(programs, graphdef, state, batch, mesh, rules, ucfg,
                                           with_ref=ref_state is not None)
             dev_batch = compiled.place(batch)
@@ -196,6 +198,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
             m["advantage/mean"], m["advantage/std"] = float(adv.mean()), float(adv.std())
             m["advantage/abs_max"] = float(np.abs(adv).max())
             m.update({"batch/length": float(batch.input_ids.shape[-1]),  # the shape buckets (programs)
+                      "batch/rows": float(batch.input_ids.shape[0] * batch.input_ids.shape[1]),
                       "batch/vision_tokens": float(batch.vision.token_index.shape[-1]),
                       "batch/image_windows": float(batch.vision.image_windows)})
             tokens = sum(len(t.input_ids) for t in trajs)
