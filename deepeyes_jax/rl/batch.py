@@ -31,7 +31,7 @@ class TrainBatch:
       loss_mask: [M, b, T] 1 on tokens the policy sampled (never prompt, observation, forced, padding).
       sampler_logprobs: [M, b, T] the sampler's log-probs of those tokens (0 elsewhere).
       old_logprobs: [M, b, T] behaviour log-probs used in the ratio (the trainer's recomputation by
-        default, else the sampler's).
+        default, else the sampler's; unread with `old_logprobs="current"`).
       advantages: [M, b, T] each trajectory's advantage on its tokens (or [M, b], one per row).
       vision: the images of each micro-batch (VisionInputs with a leading M axis).
       num_tokens: [M] sampled tokens per micro-batch (their sum is the token-mean normaliser).
@@ -59,7 +59,7 @@ def bucket_length(n: int, minimum: int, multiple: int = 0) -> int:
     """The padded sequence length for a longest row of `n` tokens: the next power of two (at least
     `minimum`), or with `multiple` > 0 the next multiple of it (at least `minimum`). Each length is a
     program to compile; powers of two compile few but pad up to 2x, and the update's cost grows with
-    the padded length (BENCHMARKS.md, GRPO update step against the length bucket)."""
+    the padded length (BENCHMARKS.md, GRPO update on Mini-V* rollouts)."""
     if multiple < 0:
         raise ValueError(f"length_multiple={multiple}; use 0 (powers of two) or a positive multiple")
     if not multiple:
@@ -69,7 +69,7 @@ def bucket_length(n: int, minimum: int, multiple: int = 0) -> int:
 
 def _first_fit(lengths: Sequence[int], capacity: int) -> list[list[int]]:
     """Rows of trajectory indices, each row's lengths summing to at most `capacity` (first fit by
-    decreasing length, a few percent above the fewest rows)."""
+    decreasing length)."""
     rows: list[list[int]] = []
     free: list[int] = []
     for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
@@ -146,7 +146,7 @@ def pack(trajs: Sequence[Trajectory], advantages: np.ndarray, vision_cfg: Vision
                 at += n
         g = groups[m]
         pixels = (np.concatenate([tr.pixel_values for tr in g]) if g
-                  else np.zeros((0, trajs[0].pixel_values.shape[-1]), np.float32))
+                  else np.zeros((0, vision_cfg.patch_dim), np.float32))
         visions.append(make_vision_inputs(pixels, grids[m], vision_cfg, num_windows=windows,
                                           num_tokens=windows * vision_cfg.window_merge_units**2,
                                           max_image_windows=image_windows))

@@ -176,8 +176,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
 
             # pack, old log-probs, update
             batch = batch_lib.pack(trajs, adv, pre.config.vision, config.optim.micro_batches,
-                                   length_multiple=config.optim.get("length_multiple", 0),
-                                   packed=config.optim.get("pack", False))
+                                   length_multiple=config.optim.length_multiple, packed=config.optim.pack)
             compiled = step_lib.steps_for(programs, graphdef, state, batch, mesh, rules, ucfg,
                                           with_ref=ref_state is not None)
             dev_batch = compiled.place(batch)
