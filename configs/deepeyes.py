@@ -73,6 +73,11 @@ def get_config(arg: str = "model=tiny") -> ml_collections.ConfigDict:
     c.rollout.pause_at_tool_call = True
     c.rollout.tools = ("zoom",)
     c.rollout.box_frame = "resized"
+    # Prompts per sampler call (0: all of the step's prompts in one call, the k-th call sampled with
+    # fold_in(key, k)). Decode runs until a call's last row stops and reads the whole KV cache each step:
+    # on CPU, Mini-V*'s 32 prompts x 4 take 7.2 s in two calls and 9.8 s in one (BENCHMARKS.md, Mini-V*
+    # rollouts per step).
+    c.rollout.prompts_per_call = 0
 
     c.reward = ml_collections.ConfigDict()
     c.reward.tool_reward = "conditional"  # conditional | unconditional | none
@@ -102,6 +107,9 @@ def get_config(arg: str = "model=tiny") -> ml_collections.ConfigDict:
     c.optim.freeze_vision = False
     c.optim.old_logprobs = "recompute"  # recompute | sampler | current (step.UpdateConfig)
     c.optim.length_multiple = 0  # 0: sequence lengths padded to powers of two; N: to multiples of N
+    # 0: update on every sampled group. K: on K of them, those whose rewards differ first (sample more
+    # prompts than K, as DAPO's dynamic sampling; grpo.select_groups)
+    c.optim.update_groups = 0
     c.optim.pack = False  # several trajectories per row (rl/batch.pack): the same loss, less padding
 
     c.metrics = ml_collections.ConfigDict()

@@ -32,6 +32,19 @@ def test_group_advantages_by_hand():
         grpo.advantages("grpo", r, 3)
 
 
+def test_select_groups_keeps_groups_with_a_signal_first():
+    # five groups of 2: rewards differ in groups 1 and 3 only
+    r = np.array([1.0, 1.0, 0.0, 2.0, 0.5, 0.5, 2.0, 0.0, 0.0, 0.0])
+    np.testing.assert_array_equal(grpo.select_groups(r, 2, 0), np.arange(10))  # 0: every group
+    np.testing.assert_array_equal(grpo.select_groups(r, 2, 2), [2, 3, 6, 7])
+    np.testing.assert_array_equal(grpo.select_groups(r, 2, 1), [2, 3])  # the first in sampling order
+    # fewer groups with a signal than asked for: equal-reward groups fill, in order, whole groups kept
+    np.testing.assert_array_equal(grpo.select_groups(r, 2, 3), [0, 1, 2, 3, 6, 7])
+    np.testing.assert_array_equal(grpo.select_groups(r, 2, 5), np.arange(10))
+    with pytest.raises(ValueError, match=r"update_groups=6 with 5 groups sampled; use 0 \(all\) or 1..5"):
+        grpo.select_groups(r, 2, 6)
+
+
 def test_ppo_clip_and_dual_clip_by_hand():
     logp = jnp.log(jnp.array([[1.5, 0.5, 1.1, 5.0]]))  # ratios (old logp = 0)
     old = jnp.zeros((1, 4))

@@ -397,6 +397,7 @@ def test_shortened_mini_vstar_and_ablation_end_to_end(tmp_path):
                                                               "zoom_free/zoom_rate"}
     steps = [json.loads(line) for line in (run_dir / "grpo/metrics.jsonl").read_text().splitlines()]
     assert [s["step"] for s in steps] == [1, 2]
+    assert [s["groups/updated"] for s in steps] == [1, 1]  # of the 2 sampled (optim.update_groups)
     assert any(k.startswith("tools/zoom_rate/") for k in steps[0])
     html = (run_dir / "view.html").read_text()
     assert html.count("<img") >= 8  # every held-out item's image

@@ -38,3 +38,45 @@ def test_toy_source_and_errors():
         trainer.make_data(data_config(), seed=0)
     with pytest.raises(ValueError, match="has 1 entries for 2 paths"):
         trainer.make_data(data_config(paths="x,y", weights="1"), seed=0)
+
+
+def test_update_groups_beyond_the_sampled_groups_is_refused_before_anything_runs(tmp_path):
+    import importlib.util
+    import pathlib
+
+    path = pathlib.Path(__file__).resolve().parents[1] / "configs" / "deepeyes.py"
+    spec = importlib.util.spec_from_file_location("deepeyes_config", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    config = module.get_config("model=tiny")
+    config.model.checkpoint = str(tmp_path / "never_read")
+    config.optim.update_groups = config.data.prompts_per_step + 1
+    with pytest.raises(ValueError, match=f"optim.update_groups={config.data.prompts_per_step + 1} with "
+                                         f"data.prompts_per_step={config.data.prompts_per_step}"):
+        trainer.run(config, str(tmp_path / "run"))
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
+def test_rollouts_in_calls_of_prompts_per_call_keep_prompt_major_order():
+    import jax
+    import numpy as np
+
+    calls = []
+
+    def sampler(prompts, n, method, rng):  # records each call; one "trajectory" per (prompt, sample)
+        calls.append((list(prompts), np.asarray(jax.random.key_data(rng)).tolist()))
+        return [(p, s) for p in prompts for s in range(n)]
+
+    rng = jax.random.key(3)
+    key = lambda k: np.asarray(jax.random.key_data(k)).tolist()
+    prompts = ["a", "b", "c", "d", "e"]
+    assert trainer.rollouts(sampler, prompts, 2, None, rng, 0) == [(p, s) for p in prompts for s in range(2)]
+    assert calls == [(prompts, key(rng))]  # one call, the step's key itself
+    calls.clear()
+    out = trainer.rollouts(sampler, prompts, 2, None, rng, 2)
+    assert out == [(p, s) for p in prompts for s in range(2)]
+    assert calls == [(["a", "b"], key(jax.random.fold_in(rng, 0))),
+                     (["c", "d"], key(jax.random.fold_in(rng, 1))),
+                     (["e"], key(jax.random.fold_in(rng, 2)))]
+    with pytest.raises(ValueError, match=r"rollout.prompts_per_call=-1; use 0 \(one call\)"):
+        trainer.rollouts(sampler, prompts, 2, None, rng, -1)

@@ -48,6 +48,22 @@ def zero_std_fraction(rewards: np.ndarray, group_size: int) -> float:
     return float(np.mean(np.all(r == r[:, :1], axis=1)))
 
 
+def select_groups(rewards: np.ndarray, group_size: int, keep: int) -> np.ndarray:
+    """Indices of the trajectories of `keep` groups to update on: groups whose rewards differ first, in
+    sampling order, then equal-reward groups to fill (DAPO's dynamic sampling with one sampling round:
+    sample more prompts than the update takes, and keep the groups that carry a signal). The update's
+    shape stays fixed, so no new program compiles. `keep` = 0 keeps every group."""
+    r = np.asarray(rewards).reshape(-1, group_size)
+    groups = r.shape[0]
+    if keep == 0:
+        return np.arange(groups * group_size)
+    if not 0 < keep <= groups:
+        raise ValueError(f"update_groups={keep} with {groups} groups sampled; use 0 (all) or 1..{groups}")
+    equal = np.all(r == r[:, :1], axis=1)
+    order = np.concatenate([np.flatnonzero(~equal), np.flatnonzero(equal)])[:keep]
+    return (np.sort(order)[:, None] * group_size + np.arange(group_size)).reshape(-1)
+
+
 # ---------------------------------------------------------------------------------- policy loss
 
 

@@ -103,10 +103,24 @@ def _images(records):
     return [Image.open(io.BytesIO(r["image"])).convert("RGB") for r in records]
 
 
+def rollouts(sampler: Sampler, prompts: list[Prompt], n: int, method, rng: jax.Array, per_call: int):
+    """`n` rollouts per prompt, prompt-major: one sampler call (`per_call` 0), or calls of `per_call`
+    prompts, the k-th sampled with `fold_in(rng, k)`."""
+    if per_call < 0:
+        raise ValueError(f"rollout.prompts_per_call={per_call}; use 0 (one call) or a positive count")
+    if not per_call or per_call >= len(prompts):
+        return sampler(prompts, n, method, rng)
+    return [t for k, i in enumerate(range(0, len(prompts), per_call))
+            for t in sampler(prompts[i:i + per_call], n, method, jax.random.fold_in(rng, k))]
+
+
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
     """Trains per `config`, writing everything under `workdir`; returns the last step's metrics."""
     os.makedirs(workdir, exist_ok=True)
     n = config.rollout.num_samples
+    if not 0 <= config.optim.update_groups <= config.data.prompts_per_step:
+        raise ValueError(f"optim.update_groups={config.optim.update_groups} with data.prompts_per_step="
+                         f"{config.data.prompts_per_step}; use 0 (every group) or at most prompts_per_step")
 
     # ---- mesh ---------------------------------------------------------------------------------
     mesh = sharding.make_mesh(config.mesh.shape)
@@ -157,10 +171,11 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
             model, _ = nnx.merge(graphdef, state)
             sampler.model = model
 
-            # rollouts (n per prompt, one shared prefill)
+            # rollouts (n per prompt, one shared prefill; in calls of `prompts_per_call` prompts)
+            prompts = [Prompt(image=im, question=r["question"])
+                       for im, r in zip(_images(records), records, strict=True)]
             with jax.set_mesh(mesh):
-                trajs = sampler([Prompt(image=im, question=r["question"]) for im, r in
-                                 zip(_images(records), records, strict=True)], n, method, rng)
+                trajs = rollouts(sampler, prompts, n, method, rng, config.rollout.prompts_per_call)
             t1 = time.perf_counter()
 
             # rewards and advantages
@@ -174,9 +189,12 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
             adv = grpo.advantages(config.advantage.estimator, reward, n, config.advantage.eps)
             t2 = time.perf_counter()
 
-            # pack, old log-probs, update
-            batch = batch_lib.pack(trajs, adv, pre.config.vision, config.optim.micro_batches,
-                                   length_multiple=config.optim.length_multiple, packed=config.optim.pack)
+            # the groups to update on (all, or with `update_groups` those with a signal first), pack,
+            # old log-probs, update
+            sel = grpo.select_groups(reward, n, config.optim.update_groups)
+            batch = batch_lib.pack([trajs[i] for i in sel], adv[sel], pre.config.vision,
+                                   config.optim.micro_batches, length_multiple=config.optim.length_multiple,
+                                   packed=config.optim.pack)
             compiled = step_lib.steps_for(programs, graphdef, state, batch, mesh, rules, ucfg,
                                           with_ref=ref_state is not None)
             dev_batch = compiled.place(batch)
@@ -196,6 +214,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
             m.update(_judge_stats(judge))
             m["advantage/mean"], m["advantage/std"] = float(adv.mean()), float(adv.std())
             m["advantage/abs_max"] = float(np.abs(adv).max())
+            m["groups/updated"] = len(sel) // n
+            m["groups/updated_zero_std_frac"] = grpo.zero_std_fraction(reward[sel], n)
             m.update({"batch/length": float(batch.input_ids.shape[-1]),  # the shape buckets (programs)
                       "batch/rows": float(batch.input_ids.shape[0] * batch.input_ids.shape[1]),
                       "batch/vision_tokens": float(batch.vision.token_index.shape[-1]),
