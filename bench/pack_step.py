@@ -3,6 +3,7 @@ old log-probs recomputed by a forward pass against taken from the update's own (
 
   .venv/bin/python bench/pack_step.py                  # 64 episodes, text 256 x 2, 5 timed steps
   .venv/bin/python bench/pack_step.py --episodes=128 --steps=3
+  .venv/bin/python bench/pack_step.py --only=4,5,6 --zoom_prob=1.0   # the Mini-V* GRPO layouts
 
 The batch is `--episodes` format-stage episodes of Mini-V* training items (`format_stage.episodes`:
 the prompt with its image, a zoom call and its crop on `--zoom_prob` of them, an answer), so its
@@ -35,6 +36,7 @@ _ZOOM = flags.DEFINE_float("zoom_prob", 0.8, "Share of episodes with a zoom call
 _HIDDEN = flags.DEFINE_integer("hidden", 256, "Text width.")
 _LAYERS = flags.DEFINE_integer("layers", 2, "Text layers.")
 _STEPS = flags.DEFINE_integer("steps", 5, "Timed steps per variant.")
+_ONLY = flags.DEFINE_list("only", [], "Indices of VARIANTS to run (all when empty).")
 _OUT = flags.DEFINE_string("output", "BENCHMARKS.md", "Markdown file to append to ('' to skip).")
 
 VARIANTS = (  # (name, pack keyword arguments, old_logprobs)
@@ -43,6 +45,9 @@ VARIANTS = (  # (name, pack keyword arguments, old_logprobs)
     ("one per row, powers of two", {}, "current"),
     ("packed rows", {"packed": True}, "recompute"),
     ("packed rows", {"packed": True}, "current"),
+    ("packed rows, multiples of 64", {"packed": True, "length_multiple": 64}, "current"),
+    ("packed rows, multiples of 64, windows multiples of 32",
+     {"packed": True, "length_multiple": 64, "window_multiple": 32}, "current"),
 )
 
 
@@ -58,15 +63,18 @@ def main(_):
                                   _EPISODES.value, _ZOOM.value)
     lengths = np.array([len(t.input_ids) for t in trajs])
     adv = np.where(np.arange(len(trajs)) % 2, -1.0, 1.0).astype(np.float32)
-    rows = []
-    for name, kw, old in VARIANTS:
+    rows, v = [], pre.config.vision
+    window = v.window_merge_units**2 * v.merge_unit
+    for k, (name, kw, old) in enumerate(VARIANTS):
+        if _ONLY.value and str(k) not in _ONLY.value:
+            continue
         ucfg = step_lib.UpdateConfig(lr=2e-4, weight_decay=0.0, remat=False, old_logprobs=old)
         graphdef, state = nnx.split((pre.model, step_lib.make_optimizer(pre.model, ucfg)))
         state = jax.tree.map(lambda x: x.copy(), jax.device_put(state, sharding.state_shardings(state, mesh,
                                                                                                   rules)))
         batch = batch_lib.pack(trajs, adv, pre.config.vision, _MICRO.value, **kw)
         compiled = step_lib.compile_steps(graphdef, state, batch, mesh, rules, ucfg, with_ref=False)
-        times, loss = [], None
+        times, loss, first = [], None, 0.0
         for i in range(_STEPS.value + 1):
             t0 = time.perf_counter()
             with jax.set_mesh(mesh):
@@ -78,21 +86,24 @@ def main(_):
             loss = float(m["update/loss"]) if loss is None else loss
             if i:  # the first step compiles
                 times.append(time.perf_counter() - t0)
+            else:
+                first = time.perf_counter() - t0
         s = summary(times)
         m_, b_, t_ = batch.input_ids.shape
         rows.append([name, old, f"{m_} x {b_} x {t_}", f"{m_ * b_ * t_}",
-                     f"{lengths.sum() / (m_ * b_ * t_):.2f}", f"{loss:.5f}",
-                     f"{s['median']:.2f} ({s['min']:.2f}-{s['max']:.2f})"])
+                     f"{lengths.sum() / (m_ * b_ * t_):.2f}", f"{batch.vision.patches.shape[1] // window}",
+                     f"{loss:.5f}", f"{first:.1f}", f"{s['median']:.2f} ({s['min']:.2f}-{s['max']:.2f})"])
         print(rows[-1], flush=True)
     append_section(
-        f"GRPO update on Mini-V* rollouts: packed rows (text {_HIDDEN.value} x {_LAYERS.value})",
+        f"GRPO update on Mini-V* rollouts: layouts (text {_HIDDEN.value} x {_LAYERS.value})",
         f"{len(trajs)} format-stage episodes of Mini-V* items ({_ZOOM.value:.0%} with a zoom call and its "
         f"crop; lengths {lengths.min()}-{lengths.max()}, mean {lengths.mean():.0f} tokens), {_MICRO.value} "
         "micro-batches, no remat. Seconds per update, median (min-max) of the timed steps after one "
         "that compiles; `recompute` includes the log-prob pass the trainer runs before the update. "
-        "Fill: real tokens / computed tokens.",
+        "Fill: real tokens / computed tokens. Vision windows: of 64 patches, per micro-batch. First step: "
+        "compiling and one update.",
         ["layout", "old log-probs", "micro-batches x rows x length", "tokens computed", "fill",
-         "first loss", "update (s)"], rows, _OUT.value)
+         "vision windows", "first loss", "first step (s)", "update (s)"], rows, _OUT.value)
 
 
 if __name__ == "__main__":

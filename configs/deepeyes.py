@@ -107,6 +107,7 @@ def get_config(arg: str = "model=tiny") -> ml_collections.ConfigDict:
     c.optim.freeze_vision = False
     c.optim.old_logprobs = "recompute"  # recompute | sampler | current (step.UpdateConfig)
     c.optim.length_multiple = 0  # 0: sequence lengths padded to powers of two; N: to multiples of N
+    c.optim.window_multiple = 0  # 0: vision windows (of 64 patches) padded to powers of two; N: multiples
     # 0: update on every sampled group. K: on K of them, those whose rewards differ first (sample more
     # prompts than K, as DAPO's dynamic sampling; grpo.select_groups)
     c.optim.update_groups = 0

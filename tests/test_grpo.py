@@ -246,6 +246,28 @@ def test_length_buckets_and_chunked_logprobs(update_case):
     np.testing.assert_allclose(np.asarray(got)[:, :t - 1][mask], np.asarray(want)[mask], atol=2e-5)
 
 
+def test_window_buckets_give_the_same_logprobs(update_rollouts):
+    """Vision windows padded to a multiple instead of a power of two: fewer windows, the same log-probs
+    (padding windows hold no patch and no token reads them); a negative multiple names its setting."""
+    pre, trajs, adv = update_rollouts
+    window = pre.config.vision.window_merge_units**2 * pre.config.vision.merge_unit
+    pow2 = batch_lib.pack(trajs, adv, pre.config.vision, micro_batches=1, min_windows=1)
+    need = int((np.asarray(pow2.vision.image_ids[0]) >= 0).reshape(-1, window).any(axis=1).sum())
+    assert pow2.vision.patches.shape[1] // window > need + 1  # a power of two leaves room below it
+    mult = batch_lib.pack(trajs, adv, pre.config.vision, micro_batches=1, min_windows=1,
+                          window_multiple=need + 1)
+    assert mult.vision.patches.shape[1] == (need + 1) * window
+    for k in ("input_ids", "attention_mask", "positions", "loss_mask"):
+        np.testing.assert_array_equal(getattr(mult, k), getattr(pow2, k))
+    want, _ = step_lib.policy_logprobs(pre.model, jax.tree.map(lambda x: x[0], pow2))
+    got, _ = step_lib.policy_logprobs(pre.model, jax.tree.map(lambda x: x[0], mult))
+    mask = np.asarray(pow2.attention_mask[0, :, 1:]) > 0
+    np.testing.assert_allclose(np.asarray(got)[mask], np.asarray(want)[mask], atol=2e-5)
+    assert batch_lib.bucket_length(136, 4, 32, "window_multiple") == 160
+    with pytest.raises(ValueError, match="window_multiple=-32"):
+        batch_lib.pack(trajs, adv, pre.config.vision, micro_batches=1, window_multiple=-32)
+
+
 def test_kl_term_and_micro_batch_averaging_by_hand():
     mb = _batch_case()
     logits = jnp.asarray(np.random.default_rng(2).normal(size=(2, 6, 5)), jnp.float32)

@@ -470,13 +470,18 @@ def test_box_prior_scores_each_tiles_zoom_turn_as_the_sampler_does(base_dir):
         format_stage.box_prior(sampler, [t for t in ts if tasks.is_relative(t)], 4)
 
 
-def test_format_train_runs_crops_first_then_the_kind_weights_then_the_protocol(base_dir):
+def test_format_train_runs_crops_first_then_the_kind_weights_then_the_protocol(base_dir, monkeypatch):
+    packed = []  # the padding each step's batch was packed with
+    pack = format_stage.batch_lib.pack
+    monkeypatch.setattr(format_stage.batch_lib, "pack", lambda *a, **k: packed.append(
+        (k.get("length_multiple"), k.get("window_multiple"))) or pack(*a, **k))
     mesh, rules = sharding.make_mesh((1, -1, 1)), sharding.get_rules("fsdp")
     pre = checkpoint.load_pretrained(base_dir, mesh=mesh, rules=rules)
     rc = RolloutConfig(max_turns=3, max_turn_tokens=96, max_response_tokens=384,
                        system_prompt=tasks.SYSTEM_PROMPT)
     cfg = format_stage.FormatConfig(steps=5, batch=2, pretrain_steps=4, pretrain_batch=2, crop_first=1,
-                                    ground_first=2, kinds=(0.0, 0.0, 0.0, 1.0), refresh=0.5, restate=True)
+                                    ground_first=2, kinds=(0.0, 0.0, 0.0, 1.0), refresh=0.5, restate=True,
+                                    length_multiple=64, window_multiple=3)
     logged = []
     format_stage.train(pre, tasks.make_tasks(8, 0), rc, cfg, mesh, rules, lambda s, m: logged.append((s, m)))
     kinds = [next(k for k in format_stage.KINDS if m[f"format/kind/{k}"]) for _, m in logged]
@@ -486,6 +491,9 @@ def test_format_train_runs_crops_first_then_the_kind_weights_then_the_protocol(b
     assert set(kinds[4:]) == {"read", "protocol"}
     assert all(m["format/pretraining"] == (i < 4) for i, (_, m) in enumerate(logged))
     assert all(np.isfinite(m["format/nll"]) and m["time/build"] > 0 for _, m in logged)
+    assert packed == [(64, 3)] * 9
+    with pytest.raises(ValueError, match="window_multiple=-32"):
+        format_stage.FormatConfig(window_multiple=-32)
     with pytest.raises(ValueError, match="crop_first=4"):
         format_stage.FormatConfig(pretrain_steps=3, crop_first=4)
     with pytest.raises(ValueError, match="ground_first=3"):

@@ -40,7 +40,7 @@ def test_toy_source_and_errors():
         trainer.make_data(data_config(paths="x,y", weights="1"), seed=0)
 
 
-def test_update_groups_beyond_the_sampled_groups_is_refused_before_anything_runs(tmp_path):
+def _deepeyes_config():
     import importlib.util
     import pathlib
 
@@ -48,11 +48,20 @@ def test_update_groups_beyond_the_sampled_groups_is_refused_before_anything_runs
     spec = importlib.util.spec_from_file_location("deepeyes_config", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    config = module.get_config("model=tiny")
+    return module.get_config("model=tiny")
+
+
+@pytest.mark.parametrize("setting, value, message", [
+    ("update_groups", "over", "optim.update_groups={v} with data.prompts_per_step={p}"),
+    ("length_multiple", -64, "optim.length_multiple=-64; use 0"),
+    ("window_multiple", -32, "optim.window_multiple=-32; use 0"),
+])
+def test_bad_update_settings_are_refused_before_anything_runs(tmp_path, setting, value, message):
+    config = _deepeyes_config()
     config.model.checkpoint = str(tmp_path / "never_read")
-    config.optim.update_groups = config.data.prompts_per_step + 1
-    with pytest.raises(ValueError, match=f"optim.update_groups={config.data.prompts_per_step + 1} with "
-                                         f"data.prompts_per_step={config.data.prompts_per_step}"):
+    p = config.data.prompts_per_step
+    config.optim[setting] = p + 1 if value == "over" else value
+    with pytest.raises(ValueError, match=message.format(v=p + 1, p=p)):
         trainer.run(config, str(tmp_path / "run"))
     assert not (tmp_path / "run" / "metrics.jsonl").exists()
 

@@ -47,7 +47,8 @@ class FormatConfig:
     question asks about (`tasks.think_restate`). With `name_zoom` (default), the zoom's reasoning names
     the card it zooms into (`tasks.format_turns`'s `name`). A share `aim` of attribute zooms go into the
     asked card (`tasks.format_turns`), a share `ground_calls` of protocol episodes are grounding calls
-    (`tasks.ground_call`).
+    (`tasks.ground_call`). Batches are padded as `rl/batch.pack`'s `length_multiple` and
+    `window_multiple` say (0: powers of two).
 
     Crops first: reading a crop is the first dependency the model forms ("red and" -> "cyan" comes with
     it), and once formed, grounding (the box from the frame named in the question) learns several times
@@ -90,6 +91,8 @@ class FormatConfig:
     zoom_prob: float = 0.5
     seed: int = 0
     micro_batches: int = 1
+    length_multiple: int = 0
+    window_multiple: int = 0
 
     def __post_init__(self):
         if not 0 <= self.crop_first <= self.pretrain_steps:
@@ -105,6 +108,8 @@ class FormatConfig:
         if len(self.kinds) != len(tasks_lib.PRETRAIN_KINDS) or min(self.kinds) < 0 or not sum(self.kinds):
             raise ValueError(f"kinds={self.kinds}: give {len(tasks_lib.PRETRAIN_KINDS)} non-negative weights "
                              f"for {tasks_lib.PRETRAIN_KINDS}, not all zero")
+        for name in ("length_multiple", "window_multiple"):
+            batch_lib.bucket_length(1, 1, getattr(self, name), name)  # a negative one fails here
 
 
 KINDS = (*tasks_lib.PRETRAIN_KINDS, "protocol")  # what a format step trains on
@@ -323,7 +328,8 @@ def train(pre: Pretrained, tasks: Sequence[tasks_lib.Task], rollout: RolloutConf
                           cfg.ground_calls, cfg.aim)
                  if kind == "protocol"
                  else captions(plain, tasks, rng, cfg.pretrain_batch, kind, pools, cfg.crop_as_observation))
-        batch = batch_lib.pack(trajs, np.ones(len(trajs), np.float32), pre.config.vision, cfg.micro_batches)
+        batch = batch_lib.pack(trajs, np.ones(len(trajs), np.float32), pre.config.vision, cfg.micro_batches,
+                               length_multiple=cfg.length_multiple, window_multiple=cfg.window_multiple)
         return kind, trajs, batch, time.perf_counter() - t0
 
     programs = {}

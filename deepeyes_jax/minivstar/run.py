@@ -104,7 +104,9 @@ def format_model(c: ml_collections.ConfigDict, workdir: str, base: str, mesh, ru
                                      crop_as_observation=c.format.crop_as_observation,
                                      lr=c.format.lr,
                                      zoom_prob=c.format.zoom_prob, seed=c.seed,
-                                     micro_batches=c.format.micro_batches)
+                                     micro_batches=c.format.micro_batches,
+                                     length_multiple=c.format.length_multiple,
+                                     window_multiple=c.format.window_multiple)
     rollout = trainer.rollout_config(c.grpo.rollout)
     pre = format_stage.train(pre, tasks, rollout, fcfg, mesh, rules, log)
     writer.close()

@@ -55,13 +55,14 @@ def _pow2(n: int, minimum: int) -> int:
     return b
 
 
-def bucket_length(n: int, minimum: int, multiple: int = 0) -> int:
-    """The padded sequence length for a longest row of `n` tokens: the next power of two (at least
-    `minimum`), or with `multiple` > 0 the next multiple of it (at least `minimum`). Each length is a
-    program to compile; powers of two compile few but pad up to 2x, and the update's cost grows with
-    the padded length (BENCHMARKS.md, GRPO update on Mini-V* rollouts)."""
+def bucket_length(n: int, minimum: int, multiple: int = 0, name: str = "length_multiple") -> int:
+    """The padded size for `n`: the next power of two (at least `minimum`), or with `multiple` > 0 the
+    next multiple of it (at least `minimum`). Used for sequence lengths (`length_multiple`) and vision
+    windows (`window_multiple`). Each size is a program to compile; powers of two compile few but pad
+    up to 2x, and the update's cost grows with the padded size (BENCHMARKS.md, GRPO update on Mini-V*
+    rollouts; Mini-V* eleventh runs)."""
     if multiple < 0:
-        raise ValueError(f"length_multiple={multiple}; use 0 (powers of two) or a positive multiple")
+        raise ValueError(f"{name}={multiple}; use 0 (powers of two) or a positive multiple")
     if not multiple:
         return _pow2(n, minimum)
     return max(minimum, -(-n // multiple) * multiple)
@@ -86,9 +87,10 @@ def _first_fit(lengths: Sequence[int], capacity: int) -> list[list[int]]:
 
 def pack(trajs: Sequence[Trajectory], advantages: np.ndarray, vision_cfg: VisionConfig, micro_batches: int,
          min_length: int = 128, min_windows: int = 4, length_multiple: int = 0, packed: bool = False,
-         row_multiple: int = 4) -> TrainBatch:
-    """Packs B trajectories into a TrainBatch of `micro_batches` micro-batches: sequence length bucketed
-    by `bucket_length`, vision windows in powers of two.
+         row_multiple: int = 4, window_multiple: int = 0) -> TrainBatch:
+    """Packs B trajectories into a TrainBatch of `micro_batches` micro-batches: sequence length and
+    vision windows bucketed by `bucket_length` (`length_multiple`, `window_multiple`; 0 is powers of
+    two).
 
     Unpacked, each row holds one trajectory (B divisible by `micro_batches`). With `packed`, rows hold
     as many trajectories as fit (`_first_fit`), told apart by `attention_mask` holding each one's
@@ -119,7 +121,7 @@ def pack(trajs: Sequence[Trajectory], advantages: np.ndarray, vision_cfg: Vision
     grids = [np.concatenate([tr.image_grid_thw for tr in g]) if g else np.zeros((0, 3), np.int64)
              for g in groups]
     need = max(len(window_layout(grid, vision_cfg)["src"]) // window for grid in grids)
-    windows = _pow2(need, min_windows)
+    windows = bucket_length(need, min_windows, window_multiple, "window_multiple")
     # Full-attention vision layers attend per image in blocks of the largest image's windows (a static
     # field, bucketed to a power of two: a new bucket means a new program, see `rl/trainer.py`).
     image_windows = _pow2(max(vision_lib.image_windows(grid, vision_cfg) for grid in grids if len(grid)), 1)

@@ -121,6 +121,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
     if not 0 <= config.optim.update_groups <= config.data.prompts_per_step:
         raise ValueError(f"optim.update_groups={config.optim.update_groups} with data.prompts_per_step="
                          f"{config.data.prompts_per_step}; use 0 (every group) or at most prompts_per_step")
+    for name in ("length_multiple", "window_multiple"):
+        batch_lib.bucket_length(1, 1, config.optim[name], f"optim.{name}")  # a negative one fails here
 
     # ---- mesh ---------------------------------------------------------------------------------
     mesh = sharding.make_mesh(config.mesh.shape)
@@ -194,7 +196,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
             sel = grpo.select_groups(reward, n, config.optim.update_groups)
             batch = batch_lib.pack([trajs[i] for i in sel], adv[sel], pre.config.vision,
                                    config.optim.micro_batches, length_multiple=config.optim.length_multiple,
-                                   packed=config.optim.pack)
+                                   packed=config.optim.pack, window_multiple=config.optim.window_multiple)
             compiled = step_lib.steps_for(programs, graphdef, state, batch, mesh, rules, ucfg,
                                           with_ref=ref_state is not None)
             dev_batch = compiled.place(batch)
