@@ -35,6 +35,8 @@ _LAYERS = flags.DEFINE_integer("layers", 2, "Text layers.")
 _STEPS = flags.DEFINE_integer("steps", 6, "Timed steps per kind.")
 _LMULT = flags.DEFINE_integer("length_multiple", 0, "Sequence lengths padded to multiples (0: powers of 2).")
 _WMULT = flags.DEFINE_integer("window_multiple", 0, "Vision windows padded to multiples (0: powers of 2).")
+_ZOOM = flags.DEFINE_float("zoom_prob", 0.6, "Share of protocol episodes that zoom (the Mini-V* default).")
+_AIM = flags.DEFINE_float("aim", 0.3, "Share of attribute zooms into the asked card (the Mini-V* default).")
 _OUT = flags.DEFINE_string("output", "BENCHMARKS.md", "Markdown file to append to ('' to skip).")
 
 
@@ -62,13 +64,13 @@ def main(_):
     graphdef, state = nnx.split((pre.model, step_lib.make_optimizer(pre.model, ucfg)))
     state = jax.device_put(state, sharding.state_shardings(state, mesh, rules))
     rng, programs, rows, compiled_shapes = np.random.default_rng(0), {}, [], set()
-    window = pre.config.vision.window_merge_units**2 * pre.config.vision.merge_unit
+    window = pre.config.vision.window_patches
 
     pools = format_stage.caption_pools(ts)
 
     def build(kind):  # the Mini-V* default's episodes and captions (configs/mini_vstar.py)
         if kind == "protocol":
-            trajs = format_stage.episodes(sampler, ts, rng, 16, 0.8, name=False, aim=0.2)
+            trajs = format_stage.episodes(sampler, ts, rng, 16, _ZOOM.value, name=False, aim=_AIM.value)
         else:
             trajs = format_stage.captions(plain, ts, rng, 32, kind, pools, crop_as_observation=True)
         return batch_lib.pack(trajs, np.ones(len(trajs), np.float32), pre.config.vision, 1,
@@ -106,7 +108,7 @@ def main(_):
                      f"{u['median']:.2f} ({u['min']:.2f}-{u['max']:.2f})"])
     append_section(
         f"Mini-V* format-stage steps, text {_HIDDEN.value} x {_LAYERS.value}, lengths {_pad(_LMULT.value)}, "
-        f"windows {_pad(_WMULT.value)}",
+        f"windows {_pad(_WMULT.value)}, protocol zoom {_ZOOM.value:g} / aim {_AIM.value:g}",
         "Seconds per step, median (min-max) of the timed steps; every padded shape the steps met is listed, "
         "and updates that compiled one are not timed. Build: laying out the batch's episodes on "
         "the host and packing it; eager-jnp build: the same with the M-RoPE positions computed by eager "

@@ -64,7 +64,7 @@ def main(_):
     lengths = np.array([len(t.input_ids) for t in trajs])
     adv = np.where(np.arange(len(trajs)) % 2, -1.0, 1.0).astype(np.float32)
     rows, v = [], pre.config.vision
-    window = v.window_merge_units**2 * v.merge_unit
+    window = v.window_patches
     for k, (name, kw, old) in enumerate(VARIANTS):
         if _ONLY.value and str(k) not in _ONLY.value:
             continue

@@ -250,7 +250,7 @@ def test_window_buckets_give_the_same_logprobs(update_rollouts):
     """Vision windows padded to a multiple instead of a power of two: fewer windows, the same log-probs
     (padding windows hold no patch and no token reads them); a negative multiple names its setting."""
     pre, trajs, adv = update_rollouts
-    window = pre.config.vision.window_merge_units**2 * pre.config.vision.merge_unit
+    window = pre.config.vision.window_patches
     pow2 = batch_lib.pack(trajs, adv, pre.config.vision, micro_batches=1, min_windows=1)
     need = int((np.asarray(pow2.vision.image_ids[0]) >= 0).reshape(-1, window).any(axis=1).sum())
     assert pow2.vision.patches.shape[1] // window > need + 1  # a power of two leaves room below it

@@ -1,6 +1,8 @@
 """Vision tower: the padded window layout against a transcription of the reference's packed algorithm
 (window_index permutation + per-window / per-image attention over cu_seqlens), and isolation."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -123,3 +125,17 @@ def test_layout_is_a_permutation_with_padding():
     assert np.all((lay["image_ids"] >= 0) == (src >= 0))
     assert len(lay["token_index"]) == (18 * 26 + 24) // 4
     jax.block_until_ready(jnp.asarray(src))
+
+
+def test_window_sizes_follow_the_geometry():
+    """112 px windows of 14 px patches merged 2 x 2: 8 x 8 patches, 4 x 4 merged tokens; a window
+    with a different size changes both, and the layout is cut into windows of exactly that size."""
+    cfg = config.qwen2p5_vl_7b().vision
+    assert (cfg.window_patches, cfg.window_tokens) == (64, 16)
+    wide = dataclasses.replace(cfg, window_size=224)
+    assert (wide.window_patches, wide.window_tokens) == (256, 64)
+    for c in (cfg, wide):
+        lay = vision.window_layout(np.array([[1, 18, 26]]), c)
+        windows = len(lay["src"]) // c.window_patches
+        assert windows * c.window_patches == len(lay["src"])
+        assert vision.pad_buckets([[1, 18, 26]], c, window_bucket=1) == (windows, windows * c.window_tokens)

@@ -56,6 +56,16 @@ class VisionConfig:
         """Side of an attention window in merge units (112 px / 14 px / 2 = 4)."""
         return self.window_size // self.spatial_merge_size // self.patch_size
 
+    @property
+    def window_patches(self) -> int:
+        """Patches in one attention window (4 x 4 merge units of 2 x 2 patches = 64)."""
+        return self.window_merge_units**2 * self.merge_unit
+
+    @property
+    def window_tokens(self) -> int:
+        """Merged image tokens one attention window holds (16)."""
+        return self.window_merge_units**2
+
     def validate(self) -> None:
         if self.hidden_size % self.num_heads:
             raise ValueError(

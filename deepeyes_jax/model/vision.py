@@ -263,7 +263,7 @@ class VisionTower(nnx.Module):
         """Returns merged image features [M, E] in token order (images in order, row-major).
         `remat` recomputes each block in the backward pass instead of storing its activations."""
         cfg = self.cfg
-        window = cfg.window_merge_units**2 * cfg.merge_unit
+        window = cfg.window_patches
         x = self.patch_embed(inputs.patches.astype(self.dtype))  # [L, D]
         cos, sin = self.rotary(inputs.rows, inputs.cols)
         ids, n = inputs.image_ids, inputs.image_windows
@@ -282,7 +282,7 @@ def pad_buckets(grid_thw: Sequence[Sequence[int]], cfg: VisionConfig,
     """Bucketed (num_windows, num_tokens) for a set of images: the next multiple of `window_bucket`
     windows, and the token count those windows can hold. Few shapes means few compilations."""
     lay = window_layout(np.asarray(grid_thw).reshape(-1, 3), cfg)
-    window = cfg.window_merge_units**2 * cfg.merge_unit
+    window = cfg.window_patches
     windows = len(lay["src"]) // window
     windows = -(-max(windows, 1) // window_bucket) * window_bucket
-    return windows, windows * cfg.window_merge_units**2
+    return windows, windows * cfg.window_tokens

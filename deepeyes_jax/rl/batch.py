@@ -115,7 +115,7 @@ def pack(trajs: Sequence[Trajectory], advantages: np.ndarray, vision_cfg: Vision
         b = b_total // micro_batches
         rows = [[i] for i in range(b_total)]
     adv_in = np.asarray(advantages, np.float32).reshape(-1)
-    window = vision_cfg.window_merge_units**2 * vision_cfg.merge_unit
+    window = vision_cfg.window_patches
     # Each micro-batch's trajectories in the order their image tokens appear (row-major).
     groups = [[trajs[i] for row in rows[m * b:(m + 1) * b] for i in row] for m in range(micro_batches)]
     grids = [np.concatenate([tr.image_grid_thw for tr in g]) if g else np.zeros((0, 3), np.int64)
@@ -150,7 +150,7 @@ def pack(trajs: Sequence[Trajectory], advantages: np.ndarray, vision_cfg: Vision
         pixels = (np.concatenate([tr.pixel_values for tr in g]) if g
                   else np.zeros((0, vision_cfg.patch_dim), np.float32))
         visions.append(make_vision_inputs(pixels, grids[m], vision_cfg, num_windows=windows,
-                                          num_tokens=windows * vision_cfg.window_merge_units**2,
+                                          num_tokens=windows * vision_cfg.window_tokens,
                                           max_image_windows=image_windows))
     vision = VisionInputs(**{k: np.stack([getattr(v, k) for v in visions])
                              for k in ("patches", "rows", "cols", "image_ids", "token_index")},

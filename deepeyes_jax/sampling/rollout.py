@@ -225,12 +225,12 @@ class Sampler:
             return None, np.zeros((0, 2), np.int32)
         grid = np.array([im.grid_thw for im in images], np.int64)
         cfg = self.model.cfg.vision
-        window = cfg.window_merge_units**2 * cfg.merge_unit
+        window = cfg.window_patches
         need = len(window_layout(grid, cfg)["src"]) // window
         windows = _pow2_bucket(need, self.config.window_bucket)
         largest = min(_pow2_bucket(image_windows(grid, cfg), self.config.window_bucket), windows)
         vis = make_vision_inputs(np.concatenate([im.pixel_values for im in images]), grid, cfg,
-                                 num_windows=windows, num_tokens=windows * cfg.window_merge_units**2,
+                                 num_windows=windows, num_tokens=windows * cfg.window_tokens,
                                  max_image_windows=largest)
         hw = rope.image_grid_hw(grid, merge, xp=np)
         hw = np.concatenate([hw, np.ones((_pow2_bucket(len(hw), 1) - len(hw), 2), np.int32)])
