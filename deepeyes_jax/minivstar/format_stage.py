@@ -109,7 +109,7 @@ class FormatConfig:
             raise ValueError(f"kinds={self.kinds}: give {len(tasks_lib.PRETRAIN_KINDS)} non-negative weights "
                              f"for {tasks_lib.PRETRAIN_KINDS}, not all zero")
         for name in ("length_multiple", "window_multiple"):
-            batch_lib.bucket_length(1, 1, getattr(self, name), name)  # a negative one fails here
+            batch_lib.check_multiple(getattr(self, name), name)
 
 
 KINDS = (*tasks_lib.PRETRAIN_KINDS, "protocol")  # what a format step trains on

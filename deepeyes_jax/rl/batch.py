@@ -55,14 +55,19 @@ def _pow2(n: int, minimum: int) -> int:
     return b
 
 
+def check_multiple(multiple: int, name: str) -> None:
+    """A padding setting (`bucket_length`'s `multiple`) must be 0 (powers of two) or positive."""
+    if multiple < 0:
+        raise ValueError(f"{name}={multiple}; use 0 (powers of two) or a positive multiple")
+
+
 def bucket_length(n: int, minimum: int, multiple: int = 0, name: str = "length_multiple") -> int:
     """The padded size for `n`: the next power of two (at least `minimum`), or with `multiple` > 0 the
     next multiple of it (at least `minimum`). Used for sequence lengths (`length_multiple`) and vision
     windows (`window_multiple`). Each size is a program to compile; powers of two compile few but pad
     up to 2x, and the update's cost grows with the padded size (BENCHMARKS.md, GRPO update on Mini-V*
     rollouts; Mini-V* eleventh runs)."""
-    if multiple < 0:
-        raise ValueError(f"{name}={multiple}; use 0 (powers of two) or a positive multiple")
+    check_multiple(multiple, name)
     if not multiple:
         return _pow2(n, minimum)
     return max(minimum, -(-n // multiple) * multiple)

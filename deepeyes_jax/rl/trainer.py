@@ -122,7 +122,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
         raise ValueError(f"optim.update_groups={config.optim.update_groups} with data.prompts_per_step="
                          f"{config.data.prompts_per_step}; use 0 (every group) or at most prompts_per_step")
     for name in ("length_multiple", "window_multiple"):
-        batch_lib.bucket_length(1, 1, config.optim[name], f"optim.{name}")  # a negative one fails here
+        batch_lib.check_multiple(config.optim[name], f"optim.{name}")
 
     # ---- mesh ---------------------------------------------------------------------------------
     mesh = sharding.make_mesh(config.mesh.shape)
