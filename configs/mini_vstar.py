@@ -90,7 +90,9 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     c.format.log_every = 1 if ci else 20
     c.format.probe_prompts = 2 if ci else 16  # sampled behaviour of the format model (run.py)
     c.format.probe_samples = 2 if ci else 4
-    c.format.prior_items = 2 if ci else 32  # format_stage.box_prior: the tool call's box, teacher-forced
+    # teacher-forced diagnostics: format_stage.box_prior (the tool call's box) and full_view_reading
+    # (answers without a zoom)
+    c.format.prior_items = 2 if ci else 32
 
     c.eval = ml_collections.ConfigDict()
     c.eval.orders = ("shuffled",)

@@ -15,6 +15,7 @@ from deepeyes_jax.rl import batch as batch_lib
 from deepeyes_jax.rl import grpo
 from deepeyes_jax.rl import step as step_lib
 from deepeyes_jax.sampling import Prompt, RolloutConfig, Sample, Sampler
+from deepeyes_jax.utils import buckets
 
 
 def test_group_advantages_by_hand():
@@ -225,12 +226,12 @@ def test_packed_rows_give_the_unpacked_loss_and_gradients(update_case, update_ro
 def test_length_buckets_and_chunked_logprobs(update_case):
     """Multiples of a length instead of powers of two pad less; the log-probs do not depend on the
     padded length or on how the vocabulary projection is chunked."""
-    assert batch_lib.bucket_length(300, 128) == 512
-    assert batch_lib.bucket_length(300, 128, 64) == 320
-    assert batch_lib.bucket_length(70, 128, 64) == 128
-    assert batch_lib.bucket_length(320, 128, 64) == 320
+    assert buckets.bucket_length(300, 128) == 512
+    assert buckets.bucket_length(300, 128, 64) == 320
+    assert buckets.bucket_length(70, 128, 64) == 128
+    assert buckets.bucket_length(320, 128, 64) == 320
     with pytest.raises(ValueError, match="length_multiple=-64"):
-        batch_lib.bucket_length(300, 128, -64)
+        buckets.bucket_length(300, 128, -64)
     pre, batch = update_case
     t = batch.input_ids.shape[-1]
     odd = t // 32 + 1  # t is a power of two >= 128
@@ -263,7 +264,7 @@ def test_window_buckets_give_the_same_logprobs(update_rollouts):
     got, _ = step_lib.policy_logprobs(pre.model, jax.tree.map(lambda x: x[0], mult))
     mask = np.asarray(pow2.attention_mask[0, :, 1:]) > 0
     np.testing.assert_allclose(np.asarray(got)[mask], np.asarray(want)[mask], atol=2e-5)
-    assert batch_lib.bucket_length(136, 4, 32, "window_multiple") == 160
+    assert buckets.bucket_length(136, 4, 32, "window_multiple") == 160
     with pytest.raises(ValueError, match="window_multiple=-32"):
         batch_lib.pack(trajs, adv, pre.config.vision, micro_batches=1, window_multiple=-32)
 

@@ -395,6 +395,9 @@ def test_shortened_mini_vstar_and_ablation_end_to_end(tmp_path):
     summary = json.loads((run_dir / "summary.json").read_text())
     assert set(summary["start"]) == set(summary["end"]) >= {"accuracy", "zoom_needed/zoom_rate",
                                                               "zoom_free/zoom_rate"}
+    assert summary["box_prior"]["items"] >= 1 and "full_view_reading" in (run_dir / "summary.md").read_text()
+    reading = summary["full_view"]
+    assert reading["items_attribute"] + reading["items_relative"] >= 1
     steps = [json.loads(line) for line in (run_dir / "grpo/metrics.jsonl").read_text().splitlines()]
     assert [s["step"] for s in steps] == [1, 2]
     assert [s["groups/updated"] for s in steps] == [1, 1]  # of the 2 sampled (optim.update_groups)
@@ -468,6 +471,32 @@ def test_box_prior_scores_each_tiles_zoom_turn_as_the_sampler_does(base_dir):
         np.testing.assert_allclose(got[k], want[k], rtol=2e-3, atol=1e-4, err_msg=k)
     with pytest.raises(ValueError, match="attribute items"):
         format_stage.box_prior(sampler, [t for t in ts if tasks.is_relative(t)], 4)
+
+
+def test_full_view_reading_picks_each_zoom_free_items_likeliest_answer(base_dir):
+    mesh, pre, sampler = _format_setup(base_dir)
+    pre.model.embed[...] = pre.model.embed[...] * 50  # peaked next-token distributions (tied head)
+    ts = tasks.make_tasks(16, seed=2)
+    free = [t for t in ts if not t.zoom_needed]
+    assert len(free) < len(ts) and {tasks.is_relative(t) for t in free} == {True, False}
+    with jax.set_mesh(mesh):
+        got = format_stage.full_view_reading(sampler, ts, len(free), chunk=3)
+        right = {"attribute": [], "relative": []}
+        for t in free:  # each option's answer forced through the sampler, which records its log-probs
+            options = t.record["options"]
+            trajs = sampler([Prompt(image=tasks.image_of(t), question=t.record["question"])] * len(options),
+                            1, Greedy(), jax.random.key(0),
+                            forced=[[tasks.answer_turn(tasks.written(t, o))] for o in options])
+            assert all((tr.source == engine.FORCED).all() and tr.stop_reason == "answer" for tr in trajs)
+            scores = [tr.logprobs.sum() for tr in trajs]
+            right["relative" if tasks.is_relative(t) else "attribute"].append(
+                options[int(np.argmax(scores))] == tasks.right_option(t))
+    want = {"attribute": np.mean(right["attribute"]), "relative": np.mean(right["relative"]),
+            "chance_attribute": 0.25, "chance_relative": 0.5, "items_attribute": len(right["attribute"]),
+            "items_relative": len(right["relative"])}
+    assert got == pytest.approx(want)
+    with pytest.raises(ValueError, match="zoom-free items"):
+        format_stage.full_view_reading(sampler, [t for t in ts if t.zoom_needed], 4)
 
 
 def test_format_train_runs_crops_first_then_the_kind_weights_then_the_protocol(base_dir, monkeypatch):

@@ -33,6 +33,7 @@ from deepeyes_jax.rl import batch as batch_lib
 from deepeyes_jax.rl import step as step_lib
 from deepeyes_jax.sampling import Prompt, RolloutConfig, Sample, Sampler, Trajectory, engine, forced
 from deepeyes_jax.tools import observation, registry
+from deepeyes_jax.utils import buckets
 
 
 @dataclasses.dataclass(frozen=True)
@@ -109,7 +110,7 @@ class FormatConfig:
             raise ValueError(f"kinds={self.kinds}: give {len(tasks_lib.PRETRAIN_KINDS)} non-negative weights "
                              f"for {tasks_lib.PRETRAIN_KINDS}, not all zero")
         for name in ("length_multiple", "window_multiple"):
-            batch_lib.check_multiple(getattr(self, name), name)
+            buckets.check_multiple(getattr(self, name), name)
 
 
 KINDS = (*tasks_lib.PRETRAIN_KINDS, "protocol")  # what a format step trains on
@@ -239,20 +240,18 @@ def _token_logprobs(model, mb: batch_lib.TrainBatch) -> jax.Array:
     return step_lib.policy_logprobs(model, mb)[0]
 
 
-def tile_scores(sampler: Sampler, tasks: Sequence[tasks_lib.Task], chunk: int = 32) -> np.ndarray:
-    """[len(tasks), tiles] log-probabilities of a first turn zooming (`tasks.THINK_LOOK`) into each tile of
-    the scene lattice, teacher-forced (the whole turn, `<think>` to `</tool_call>`)."""
-    n_tiles = int(np.prod(tasks_lib.SYNTHETIC.tiles))
+def first_turn_scores(sampler: Sampler, episodes: Sequence[tuple[tasks_lib.Task, str]], chunk: int = 32
+                      ) -> np.ndarray:
+    """Log-probabilities of first turns, teacher-forced: for each (task, turn), the whole turn (up to
+    `</tool_call>` for a call, whose observation is not the model's) after the task's prompt."""
     trajs, spans = [], []
-    for t in tasks:
+    for t, turn in episodes:
         prompt = Prompt(image=tasks_lib.image_of(t), question=t.record["question"])
-        for tile in range(n_tiles):
-            turn = tasks_lib.zoom_turn(tasks_lib.tile_box(tile), tasks_lib.THINK_LOOK)
-            tr = forced.forced_trajectory(sampler, prompt, [turn])
-            forced_tokens = tr.source == engine.FORCED  # the turn, then its (non-forced) observation
-            first = len(forced_tokens) if forced_tokens.all() else int(np.argmin(forced_tokens))
-            trajs.append(tr)
-            spans.append((len(tr.prompt_ids), len(tr.prompt_ids) + first))
+        tr = forced.forced_trajectory(sampler, prompt, [turn])
+        forced_tokens = tr.source == engine.FORCED  # the turn, then any (non-forced) observation
+        first = len(forced_tokens) if forced_tokens.all() else int(np.argmin(forced_tokens))
+        trajs.append(tr)
+        spans.append((len(tr.prompt_ids), len(tr.prompt_ids) + first))
     scores = []
     for s in range(0, len(trajs), chunk):
         part = trajs[s:s + chunk]
@@ -260,7 +259,48 @@ def tile_scores(sampler: Sampler, tasks: Sequence[tasks_lib.Task], chunk: int = 
         logp = np.asarray(_token_logprobs(sampler.model, jax.tree.map(lambda x: x[0], batch)))
         # logp[:, i] is the log-prob of token i + 1
         scores += [logp[r, a - 1:b - 1].sum() for r, (a, b) in enumerate(spans[s:s + chunk])]
-    return np.asarray(scores).reshape(len(tasks), n_tiles)
+    return np.asarray(scores)
+
+
+def tile_scores(sampler: Sampler, tasks: Sequence[tasks_lib.Task], chunk: int = 32) -> np.ndarray:
+    """[len(tasks), tiles] log-probabilities of a first turn zooming (`tasks.THINK_LOOK`) into each tile of
+    the scene lattice, teacher-forced (the whole turn, `<think>` to `</tool_call>`)."""
+    n_tiles = int(np.prod(tasks_lib.SYNTHETIC.tiles))
+    turns = [tasks_lib.zoom_turn(tasks_lib.tile_box(tile), tasks_lib.THINK_LOOK) for tile in range(n_tiles)]
+    return first_turn_scores(sampler, [(t, turn) for t in tasks for turn in turns], chunk
+                             ).reshape(len(tasks), n_tiles)
+
+
+def full_view_reading(sampler: Sampler, tasks: Sequence[tasks_lib.Task], items: int, chunk: int = 32
+                      ) -> dict[str, float]:
+    """Whether the model can answer zoom-free items without zooming, teacher-forced: on the first
+    `items` zoom-free items, the share whose most likely answering first turn (`tasks.answer_turn`, no
+    zoom) gives the right option, for attribute and relative items (`attribute`, `relative`, against
+    `chance_attribute` and `chance_relative`: one over the options).
+
+    Zooming pays nothing on an item the model reads from the full view, so this is what selective tool
+    use needs first (BENCHMARKS.md, Mini-V* thirteenth runs).
+    """
+    picked = [t for t in tasks if not t.zoom_needed][:items]
+    if not picked:
+        raise ValueError("full_view_reading needs zoom-free items; none were given")
+    scores = first_turn_scores(sampler, [(t, tasks_lib.answer_turn(tasks_lib.written(t, o)))
+                                         for t in picked for o in t.record["options"]], chunk)
+    right, chance = {"attribute": [], "relative": []}, {"attribute": [], "relative": []}
+    start = 0
+    for t in picked:
+        options = t.record["options"]
+        best = options[int(np.argmax(scores[start:start + len(options)]))]
+        start += len(options)
+        kind = "relative" if tasks_lib.is_relative(t) else "attribute"
+        right[kind].append(best == tasks_lib.right_option(t))
+        chance[kind].append(1 / len(options))
+    out = {}
+    for kind in right:
+        out[kind] = float(np.mean(right[kind])) if right[kind] else float("nan")
+        out[f"chance_{kind}"] = float(np.mean(chance[kind])) if chance[kind] else float("nan")
+        out[f"items_{kind}"] = float(len(right[kind]))
+    return out
 
 
 def box_prior(sampler: Sampler, tasks: Sequence[tasks_lib.Task], items: int, chunk: int = 32

@@ -6,7 +6,8 @@ rerun resumes (the GRPO stage resumes from its last Orbax checkpoint):
   heldout/            the held-out items in V* Bench's folder format (+ oracle.json)
   base/               the randomly initialised Hugging Face directory
   format/             the model after the format stage (Hugging Face directory) + metrics.jsonl; its
-                      .done holds the stage's time, `format_stage.probe` and `format_stage.box_prior`
+                      .done holds the stage's time, `format_stage.probe`, `format_stage.box_prior`
+                      and `format_stage.full_view_reading`
   eval_start/         evaluation of format/ on heldout/ (results.json, results.md)
   grpo/               the GRPO run (metrics.jsonl, trajectories, Orbax checkpoints)
   eval_end/           evaluation of the last GRPO checkpoint on heldout/
@@ -118,10 +119,13 @@ def format_model(c: ml_collections.ConfigDict, workdir: str, base: str, mesh, ru
         probe = format_stage.probe(sampler, tasks, c.format.probe_prompts, c.format.probe_samples,
                                    c.grpo.rollout.temperature, seed=c.seed)
         prior = format_stage.box_prior(sampler, tasks, c.format.prior_items)
+        reading = format_stage.full_view_reading(sampler, tasks, c.format.prior_items)
     _log("format stage sampled at temperature {}: {}".format(
         c.grpo.rollout.temperature, ", ".join(f"{k} {v:.3f}" for k, v in probe.items())))
     _log("format stage box prior (teacher-forced): " + ", ".join(f"{k} {v:.3f}" for k, v in prior.items()))
-    _mark(path, {"seconds": time.time() - t0, "probe": probe, "box_prior": prior})
+    _log("format stage full-view reading of zoom-free items (teacher-forced): "
+         + ", ".join(f"{k} {v:.3f}" for k, v in reading.items()))
+    _mark(path, {"seconds": time.time() - t0, "probe": probe, "box_prior": prior, "full_view": reading})
     return path
 
 
@@ -153,7 +157,8 @@ def _headline(report: dict[str, Any], order: str = "shuffled") -> dict[str, floa
 
 
 def summarize(start: dict[str, Any], end: dict[str, Any], seconds: dict[str, float], path: str,
-              label: str, prior: dict[str, float] | None = None) -> dict[str, Any]:
+              label: str, prior: dict[str, float] | None = None,
+              reading: dict[str, float] | None = None) -> dict[str, Any]:
     a, b = _headline(start), _headline(end)
     fmt = lambda v: "-" if v is None else f"{v:.3f}"  # noqa: E731
     lines = [f"# Mini-V* ({label})", "", "Held-out items, greedy, options shuffled (seeded).", "",
@@ -168,11 +173,17 @@ def summarize(start: dict[str, Any], end: dict[str, Any], seconds: dict[str, flo
                   "on {:.3f} of items.".format(prior["items"], prior["asked_tile"], prior["card_tiles"],
                                                prior["asked_among_cards"], prior["chance_among_cards"],
                                                prior["asked_most_likely"])]
+    if reading:
+        lines += ["", "Its answers to zoom-free training items without zooming, teacher-forced over the "
+                  "options (`format_stage.full_view_reading`): right on {:.3f} of {:.0f} attribute items "
+                  "(chance {:.3f}) and {:.3f} of {:.0f} relative items (chance {:.3f}).".format(
+                      reading["attribute"], reading["items_attribute"], reading["chance_attribute"],
+                      reading["relative"], reading["items_relative"], reading["chance_relative"])]
     lines += ["", "Wall time (s): " + ", ".join(f"{k} {v:.0f}" for k, v in seconds.items())]
     text = "\n".join(lines) + "\n"
     with open(path + ".md", "w") as f:
         f.write(text)
-    out = {"label": label, "start": a, "end": b, "seconds": seconds, "box_prior": prior}
+    out = {"label": label, "start": a, "end": b, "seconds": seconds, "box_prior": prior, "full_view": reading}
     with open(path + ".json", "w") as f:
         json.dump(out, f, indent=1)
     print(text, flush=True)
@@ -234,8 +245,9 @@ def run(c: ml_collections.ConfigDict, workdir: str, shared: str | None = None) -
                       c.eval.view_items, f"Mini-V* held-out, end of GRPO ({c.label})")
     jax.effects_barrier()
     with open(os.path.join(fmt, DONE)) as f:
-        prior = json.load(f).get("box_prior")  # absent in format stages written before it existed
-    out = summarize(start, end, seconds, os.path.join(workdir, "summary"), c.label, prior)
+        done = json.load(f)  # keys absent in format stages written before they existed
+    out = summarize(start, end, seconds, os.path.join(workdir, "summary"), c.label, done.get("box_prior"),
+                    done.get("full_view"))
     out["viewer"] = os.path.join(workdir, "view.html")
     return out
 

@@ -17,6 +17,7 @@ from deepeyes_jax.model import vision as vision_lib
 from deepeyes_jax.model.config import VisionConfig
 from deepeyes_jax.model.vision import VisionInputs, make_vision_inputs, window_layout
 from deepeyes_jax.sampling.rollout import Trajectory
+from deepeyes_jax.utils import buckets
 
 
 @struct.dataclass
@@ -46,31 +47,6 @@ class TrainBatch:
     advantages: np.ndarray
     vision: VisionInputs
     num_tokens: np.ndarray
-
-
-def _pow2(n: int, minimum: int) -> int:
-    b = max(minimum, 1)
-    while b < n:
-        b *= 2
-    return b
-
-
-def check_multiple(multiple: int, name: str) -> None:
-    """A padding setting (`bucket_length`'s `multiple`) must be 0 (powers of two) or positive."""
-    if multiple < 0:
-        raise ValueError(f"{name}={multiple}; use 0 (powers of two) or a positive multiple")
-
-
-def bucket_length(n: int, minimum: int, multiple: int = 0, name: str = "length_multiple") -> int:
-    """The padded size for `n`: the next power of two (at least `minimum`), or with `multiple` > 0 the
-    next multiple of it (at least `minimum`). Used for sequence lengths (`length_multiple`) and vision
-    windows (`window_multiple`). Each size is a program to compile; powers of two compile few but pad
-    up to 2x, and the update's cost grows with the padded size (BENCHMARKS.md, GRPO update on Mini-V*
-    rollouts; Mini-V* eleventh runs)."""
-    check_multiple(multiple, name)
-    if not multiple:
-        return _pow2(n, minimum)
-    return max(minimum, -(-n // multiple) * multiple)
 
 
 def _first_fit(lengths: Sequence[int], capacity: int) -> list[list[int]]:
@@ -106,7 +82,7 @@ def pack(trajs: Sequence[Trajectory], advantages: np.ndarray, vision_cfg: Vision
     """
     b_total = len(trajs)
     lengths = [len(tr.input_ids) for tr in trajs]
-    t = bucket_length(max(lengths), min_length, length_multiple)
+    t = buckets.bucket_length(max(lengths), min_length, length_multiple)
     if packed:
         filled = _first_fit(lengths, t)
         b = -(-len(filled) // micro_batches)
@@ -126,10 +102,11 @@ def pack(trajs: Sequence[Trajectory], advantages: np.ndarray, vision_cfg: Vision
     grids = [np.concatenate([tr.image_grid_thw for tr in g]) if g else np.zeros((0, 3), np.int64)
              for g in groups]
     need = max(len(window_layout(grid, vision_cfg)["src"]) // window for grid in grids)
-    windows = bucket_length(need, min_windows, window_multiple, "window_multiple")
+    windows = buckets.bucket_length(need, min_windows, window_multiple, "window_multiple")
     # Full-attention vision layers attend per image in blocks of the largest image's windows (a static
     # field, bucketed to a power of two: a new bucket means a new program, see `rl/trainer.py`).
-    image_windows = _pow2(max(vision_lib.image_windows(grid, vision_cfg) for grid in grids if len(grid)), 1)
+    largest = max(vision_lib.image_windows(grid, vision_cfg) for grid in grids if len(grid))
+    image_windows = buckets.pow2(largest, 1)
 
     ids = np.zeros((micro_batches, b, t), np.int32)
     mask = np.zeros_like(ids)

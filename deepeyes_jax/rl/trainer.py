@@ -28,6 +28,7 @@ from deepeyes_jax.rl import checkpoint as ckpt_lib
 from deepeyes_jax.rl import grpo, metrics, rewards, writers
 from deepeyes_jax.rl import step as step_lib
 from deepeyes_jax.sampling import Prompt, RolloutConfig, Sample, Sampler
+from deepeyes_jax.utils import buckets
 
 
 def rollout_config(c: ml_collections.ConfigDict) -> RolloutConfig:
@@ -122,7 +123,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
         raise ValueError(f"optim.update_groups={config.optim.update_groups} with data.prompts_per_step="
                          f"{config.data.prompts_per_step}; use 0 (every group) or at most prompts_per_step")
     for name in ("length_multiple", "window_multiple"):
-        batch_lib.check_multiple(config.optim[name], f"optim.{name}")
+        buckets.check_multiple(config.optim[name], f"optim.{name}")
 
     # ---- mesh ---------------------------------------------------------------------------------
     mesh = sharding.make_mesh(config.mesh.shape)

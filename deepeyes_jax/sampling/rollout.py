@@ -26,6 +26,7 @@ from deepeyes_jax.processing.chat import Tokenizer
 from deepeyes_jax.processing.image import ImageProcessor, ProcessedImage
 from deepeyes_jax.sampling import engine
 from deepeyes_jax.tools import observation, parsing, registry
+from deepeyes_jax.utils import buckets
 
 
 @dataclasses.dataclass(frozen=True)
@@ -144,13 +145,6 @@ class Trajectory:
         return np.concatenate([im.pixel_values for im in self.images])
 
 
-def _pow2_bucket(n: int, minimum: int) -> int:
-    b = max(minimum, 1)
-    while b < n:
-        b *= 2
-    return b
-
-
 @dataclasses.dataclass
 class _Row:
     """Host bookkeeping of one episode."""
@@ -227,13 +221,13 @@ class Sampler:
         cfg = self.model.cfg.vision
         window = cfg.window_patches
         need = len(window_layout(grid, cfg)["src"]) // window
-        windows = _pow2_bucket(need, self.config.window_bucket)
-        largest = min(_pow2_bucket(image_windows(grid, cfg), self.config.window_bucket), windows)
+        windows = buckets.pow2(need, self.config.window_bucket)
+        largest = min(buckets.pow2(image_windows(grid, cfg), self.config.window_bucket), windows)
         vis = make_vision_inputs(np.concatenate([im.pixel_values for im in images]), grid, cfg,
                                  num_windows=windows, num_tokens=windows * cfg.window_tokens,
                                  max_image_windows=largest)
         hw = rope.image_grid_hw(grid, merge, xp=np)
-        hw = np.concatenate([hw, np.ones((_pow2_bucket(len(hw), 1) - len(hw), 2), np.int32)])
+        hw = np.concatenate([hw, np.ones((buckets.pow2(len(hw), 1) - len(hw), 2), np.int32)])
         return vis, hw
 
     def _forced_array(self, texts: Sequence[str | None]) -> tuple[np.ndarray, np.ndarray]:
@@ -283,7 +277,7 @@ class Sampler:
                 raise ValueError(f"prompt of {len(seq)} tokens exceeds max_prompt_tokens="
                                  f"{cfg.max_prompt_tokens}")
             ids.append(seq)
-        pb = _pow2_bucket(max(len(s) for s in ids), cfg.prompt_bucket)
+        pb = buckets.pow2(max(len(s) for s in ids), cfg.prompt_bucket)
         prompt_ids = np.full((len(ids), pb), tok.special.pad, np.int32)
         prompt_mask = np.zeros((len(ids), pb), np.int32)
         for i, s in enumerate(ids):
@@ -316,7 +310,7 @@ class Sampler:
                                    int(resp_len[r]), chunks[r], crops)
             if not any(chunks):
                 break
-            c = _pow2_bucket(max(len(ch) for ch in chunks), cfg.chunk_bucket)
+            c = buckets.pow2(max(len(ch) for ch in chunks), cfg.chunk_bucket)
             chunk = np.full((b, c), tok.special.pad, np.int32)
             chunk_len = np.zeros(b, np.int32)
             for r, ch in enumerate(chunks):

@@ -1,1 +1,2 @@
-"""Instrumentation shared by the benchmarks and the tests (compilation counting)."""
+"""Helpers shared across the package: padded sizes (`buckets`) and compilation counting for the
+benchmarks and tests (`compile_count`)."""
