@@ -244,10 +244,11 @@ def first_turn_scores(sampler: Sampler, episodes: Sequence[tuple[tasks_lib.Task,
                       ) -> np.ndarray:
     """Log-probabilities of first turns, teacher-forced: for each (task, turn), the whole turn (up to
     `</tool_call>` for a call, whose observation is not the model's) after the task's prompt."""
-    trajs, spans = [], []
+    trajs, spans, prompts = [], [], {}
     for t, turn in episodes:
-        prompt = Prompt(image=tasks_lib.image_of(t), question=t.record["question"])
-        tr = forced.forced_trajectory(sampler, prompt, [turn])
+        if id(t) not in prompts:  # one image decode per task, however many turns are scored on it
+            prompts[id(t)] = Prompt(image=tasks_lib.image_of(t), question=t.record["question"])
+        tr = forced.forced_trajectory(sampler, prompts[id(t)], [turn])
         forced_tokens = tr.source == engine.FORCED  # the turn, then any (non-forced) observation
         first = len(forced_tokens) if forced_tokens.all() else int(np.argmin(forced_tokens))
         trajs.append(tr)

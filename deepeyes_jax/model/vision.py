@@ -26,6 +26,7 @@ from flax import nnx, struct
 
 from deepeyes_jax.model import layers
 from deepeyes_jax.model.config import VisionConfig
+from deepeyes_jax.utils import buckets
 
 
 @struct.dataclass
@@ -284,5 +285,5 @@ def pad_buckets(grid_thw: Sequence[Sequence[int]], cfg: VisionConfig,
     lay = window_layout(np.asarray(grid_thw).reshape(-1, 3), cfg)
     window = cfg.window_patches
     windows = len(lay["src"]) // window
-    windows = -(-max(windows, 1) // window_bucket) * window_bucket
+    windows = buckets.bucket_length(windows, window_bucket, window_bucket, "window_bucket")
     return windows, windows * cfg.window_tokens
