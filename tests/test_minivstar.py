@@ -398,6 +398,9 @@ def test_shortened_mini_vstar_and_ablation_end_to_end(tmp_path):
     assert summary["box_prior"]["items"] >= 1 and "full_view_reading" in (run_dir / "summary.md").read_text()
     reading = summary["full_view"]
     assert reading["items_attribute"] + reading["items_relative"] >= 1
+    needed = json.loads((run_dir / "heldout/synthetic_vstar.json").read_text())["counts"]["zoom_needed"]
+    for aim in summary["aim_by_frame"].values():  # every zoom-needed held-out item, counted once
+        assert sum(n for _, n in aim.values()) == needed
     steps = [json.loads(line) for line in (run_dir / "grpo/metrics.jsonl").read_text().splitlines()]
     assert [s["step"] for s in steps] == [1, 2]
     assert [s["groups/updated"] for s in steps] == [1, 1]  # of the 2 sampled (optim.update_groups)
@@ -408,6 +411,30 @@ def test_shortened_mini_vstar_and_ablation_end_to_end(tmp_path):
                 f"--workdir={abl}", f"--shared={run_dir}", "--variants=none"])
     assert (abl / "ablation.png").is_file() and "| none |" in (abl / "ablation.md").read_text()
     assert not (abl / "common").exists()  # the shared stages were reused, not redone
+
+
+def test_aim_by_frame_counts_first_zooms_into_the_asked_card(tmp_path):
+    def row(i, frame, ious, zoom_needed=True, order="shuffled"):
+        calls = [{"status": "ok" if iou is not None else "error", **({"iou": iou} if iou is not None else {})}
+                 for iou in ious]
+        return {"id": f"direct_attributes/syn_{i:05d}", "order": order, "zoom_needed": zoom_needed,
+                "question": f"Question: Which two colors make up the stripes on the card with the {frame} "
+                            "frame?\nOptions: \nA. red and cyan\n", "tool_calls": calls}
+
+    rows = [row(0, "gold", [0.7]), row(1, "gold", [0.0, 0.7]),  # the first zoom decides
+            row(2, "gold", [None, 0.66]),  # a failed call is no zoom: the first successful one counts
+            row(3, "lime", []), row(4, "lime", [0.5]),
+            row(5, "white", [0.0], zoom_needed=False),  # zoom-free: not counted
+            row(6, "white", [0.8], order="original")]  # another option order: not counted
+    (tmp_path / "mini_vstar").mkdir()
+    (tmp_path / "mini_vstar" / "items.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert run.aim_by_frame(str(tmp_path)) == {"gold": [2, 3], "lime": [1, 2]}
+    assert list(run.aim_by_frame(str(tmp_path))) == ["gold", "lime"]  # best aimed first
+    assert run.aim_by_frame(str(tmp_path), order="original") == {"white": [1, 1]}
+    rows.append(row(7, "gold", [0.7]) | {"question": "Is the card with red and cyan stripes above..."})
+    (tmp_path / "mini_vstar" / "items.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.raises(ValueError, match="no frame named"):
+        run.aim_by_frame(str(tmp_path))
 
 
 def test_probe_counts_failed_calls_named_boxes_and_target_zooms():

@@ -11,7 +11,8 @@ rerun resumes (the GRPO stage resumes from its last Orbax checkpoint):
   eval_start/         evaluation of format/ on heldout/ (results.json, results.md)
   grpo/               the GRPO run (metrics.jsonl, trajectories, Orbax checkpoints)
   eval_end/           evaluation of the last GRPO checkpoint on heldout/
-  dynamics.png        the training-dynamics figure;  summary.md / summary.json  start vs end
+  dynamics.png        the training-dynamics figure;  summary.md / summary.json  start vs end (with
+                      the format-stage diagnostics and `aim_by_frame`)
   view.html           the trajectory viewer page of the final evaluation
 """
 
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import time
 from typing import Any
 
@@ -156,9 +158,37 @@ def _headline(report: dict[str, Any], order: str = "shuffled") -> dict[str, floa
             "zoom_free/zoom_rate": free.get("zoom_rate"), "calls_per_item": s["calls_per_item"]}
 
 
+def aim_by_frame(eval_dir: str, order: str = "shuffled") -> dict[str, list[int]]:
+    """{frame: [boxed, items]} over the zoom-needed items of an evaluation (`evaluate`'s `out`), by
+    the frame colour their question names: on how many the first successful zoom boxes the asked card
+    (IoU >= 0.5 with its box; a tile box around the right card scores 0.64-0.81, any other tile 0).
+    Where a frame sits is a fact the policy has to learn per frame (`synthetic_vstar.FRAME_TILES`), so
+    this shows which of them GRPO learned (BENCHMARKS.md, Mini-V* fourteenth runs)."""
+    out: dict[str, list[int]] = {}
+    with open(os.path.join(eval_dir, "mini_vstar", "items.jsonl")) as f:
+        for line in f:
+            row = json.loads(line)
+            if row["order"] != order or not row["zoom_needed"]:
+                continue
+            m = re.search(r"the (\w+) frame", row["question"])
+            if m is None:
+                raise ValueError(f"item {row['id']}: no frame named in {row['question']!r}; aim_by_frame "
+                                 "reads Mini-V* attribute items")
+            ious = [c["iou"] for c in row["tool_calls"] if c["status"] == "ok" and "iou" in c]
+            n = out.setdefault(m.group(1), [0, 0])
+            n[0] += int(bool(ious) and ious[0] >= 0.5)
+            n[1] += 1
+    return dict(sorted(out.items(), key=lambda kv: (-kv[1][0] / kv[1][1], kv[0])))
+
+
+def _aim_text(aim: dict[str, list[int]]) -> str:
+    return ", ".join(f"{k} {a}/{n}" for k, (a, n) in aim.items())
+
+
 def summarize(start: dict[str, Any], end: dict[str, Any], seconds: dict[str, float], path: str,
               label: str, prior: dict[str, float] | None = None,
-              reading: dict[str, float] | None = None) -> dict[str, Any]:
+              reading: dict[str, float] | None = None,
+              aim: tuple[dict[str, list[int]], dict[str, list[int]]] | None = None) -> dict[str, Any]:
     a, b = _headline(start), _headline(end)
     fmt = lambda v: "-" if v is None else f"{v:.3f}"  # noqa: E731
     lines = [f"# Mini-V* ({label})", "", "Held-out items, greedy, options shuffled (seeded).", "",
@@ -179,11 +209,16 @@ def summarize(start: dict[str, Any], end: dict[str, Any], seconds: dict[str, flo
                   "(chance {:.3f}) and {:.3f} of {:.0f} relative items (chance {:.3f}).".format(
                       reading["attribute"], reading["items_attribute"], reading["chance_attribute"],
                       reading["relative"], reading["items_relative"], reading["chance_relative"])]
+    if aim:
+        lines += ["", "Zoom-needed items whose first zoom boxes the asked card (IoU >= 0.5), by the frame "
+                  "the question names (`run.aim_by_frame`): start " + _aim_text(aim[0]) + "; end "
+                  + _aim_text(aim[1]) + "."]
     lines += ["", "Wall time (s): " + ", ".join(f"{k} {v:.0f}" for k, v in seconds.items())]
     text = "\n".join(lines) + "\n"
     with open(path + ".md", "w") as f:
         f.write(text)
-    out = {"label": label, "start": a, "end": b, "seconds": seconds, "box_prior": prior, "full_view": reading}
+    out = {"label": label, "start": a, "end": b, "seconds": seconds, "box_prior": prior, "full_view": reading,
+           "aim_by_frame": None if aim is None else {"start": aim[0], "end": aim[1]}}
     with open(path + ".json", "w") as f:
         json.dump(out, f, indent=1)
     print(text, flush=True)
@@ -246,8 +281,9 @@ def run(c: ml_collections.ConfigDict, workdir: str, shared: str | None = None) -
     jax.effects_barrier()
     with open(os.path.join(fmt, DONE)) as f:
         done = json.load(f)  # keys absent in format stages written before they existed
+    aim = (aim_by_frame(os.path.join(shared, "eval_start")), aim_by_frame(os.path.join(workdir, "eval_end")))
     out = summarize(start, end, seconds, os.path.join(workdir, "summary"), c.label, done.get("box_prior"),
-                    done.get("full_view"))
+                    done.get("full_view"), aim)
     out["viewer"] = os.path.join(workdir, "view.html")
     return out
 
