@@ -288,6 +288,18 @@ def test_host_built_episodes_equal_the_samplers_forced_rollouts(base_dir):
     assert {(1, ("error",)), (2, ("ok",)), (1, ())} <= kinds
     with pytest.raises(ValueError, match="follows the end"):
         forced.forced_trajectory(sampler, prompts[1], [tasks.answer_turn("x"), tasks.answer_turn("y")])
+    # max_turns=1: the zoom turn alone, its call run but no observation (the prefix of the whole episode)
+    k = next(i for i, h in enumerate(ref) if len(h.images) == 2)
+    whole = forced.forced_trajectory(sampler, prompts[k], turns[k])
+    first = forced.forced_trajectory(sampler, prompts[k], turns[k][:1], max_turns=1)
+    n = len(first.input_ids)
+    assert (first.stop_reason, len(first.images), [c.status for c in first.tool_calls]) == (
+        "max_turns", 1, ["ok"])
+    assert (first.source == engine.FORCED).all() and (whole.source == engine.OBSERVATION).any()
+    np.testing.assert_array_equal(first.input_ids, whole.input_ids[:n])
+    np.testing.assert_array_equal(first.positions, whole.positions[:, :n])
+    with pytest.raises(ValueError, match="follows the end"):
+        forced.forced_trajectory(sampler, prompts[k], turns[k], max_turns=1)
 
 
 def test_format_episodes_mask_exactly_the_forced_tokens(base_dir):
@@ -398,6 +410,8 @@ def test_shortened_mini_vstar_and_ablation_end_to_end(tmp_path):
     assert summary["box_prior"]["items"] >= 1 and "full_view_reading" in (run_dir / "summary.md").read_text()
     reading = summary["full_view"]
     assert reading["items_attribute"] + reading["items_relative"] >= 1
+    assert summary["probe"]["episodes"] == 4 and "sampled at the GRPO temperature 0.5" in (
+        run_dir / "summary.md").read_text()  # size=ci: 2 prompts x 2 samples
     needed = json.loads((run_dir / "heldout/synthetic_vstar.json").read_text())["counts"]["zoom_needed"]
     for aim in summary["aim_by_frame"].values():  # every zoom-needed held-out item, counted once
         assert sum(n for _, n in aim.values()) == needed
@@ -467,7 +481,7 @@ def test_probe_counts_failed_calls_named_boxes_and_target_zooms():
     p = format_stage.probe(fake_sampler, ts, 2, 4, 0.5)
     assert p == {"tool_failed_frac": 2 / 6, "zoom_rate": 6 / 8, "answered": 4 / 8, "accuracy": 2 / 8,
                  "box_follows_name": 2 / 4, "names_target": 2 / 4, "zoom_on_target": 4 / 4,
-                 "restates_target": 2 / 8, "calls": 6.0}
+                 "restates_target": 2 / 8, "calls": 6.0, "episodes": 8.0}
 
 
 def test_box_prior_scores_each_tiles_zoom_turn_as_the_sampler_does(base_dir):

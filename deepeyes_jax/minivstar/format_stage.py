@@ -194,7 +194,8 @@ def probe(sampler: Sampler, tasks: Sequence[tasks_lib.Task], prompts: int, sampl
     tile of the card their reasoning names (`box_follows_name`), and on attribute items the shares of
     zooms that name the asked card (`names_target`) and that zoom into its tile (`zoom_on_target`,
     chance 1/cards), and the share of attribute rollouts whose first turn restates the asked card
-    (`restates_target`: whether the model reads the question; 0 for a model trained without `restate`).
+    (`restates_target`: whether the model reads the question; 0 for a model trained without `restate`);
+    and the counts of calls and episodes.
     """
     picked = list(tasks[:prompts])
     trajs = sampler([Prompt(image=tasks_lib.image_of(t), question=t.record["question"]) for t in picked],
@@ -232,7 +233,7 @@ def probe(sampler: Sampler, tasks: Sequence[tasks_lib.Task], prompts: int, sampl
             "accuracy": correct / n, "box_follows_name": follows / max(ok, 1),
             "names_target": names_target / max(attr_zooms, 1),
             "zoom_on_target": on_target / max(attr_zooms, 1), "restates_target": restates / max(attr, 1),
-            "calls": float(calls)}
+            "calls": float(calls), "episodes": float(n)}
 
 
 @nnx.jit
@@ -243,12 +244,14 @@ def _token_logprobs(model, mb: batch_lib.TrainBatch) -> jax.Array:
 def first_turn_scores(sampler: Sampler, episodes: Sequence[tuple[tasks_lib.Task, str]], chunk: int = 32
                       ) -> np.ndarray:
     """Log-probabilities of first turns, teacher-forced: for each (task, turn), the whole turn (up to
-    `</tool_call>` for a call, whose observation is not the model's) after the task's prompt."""
+    `</tool_call>` for a call, whose observation is not the model's) after the task's prompt. Each
+    episode is laid out up to that turn only (`max_turns=1`): the observation's crop would follow the
+    scored tokens, which do not attend to it, and would only cost its encoding."""
     trajs, spans, prompts = [], [], {}
     for t, turn in episodes:
         if id(t) not in prompts:  # one image decode per task, however many turns are scored on it
             prompts[id(t)] = Prompt(image=tasks_lib.image_of(t), question=t.record["question"])
-        tr = forced.forced_trajectory(sampler, prompts[id(t)], [turn])
+        tr = forced.forced_trajectory(sampler, prompts[id(t)], [turn], max_turns=1)
         forced_tokens = tr.source == engine.FORCED  # the turn, then any (non-forced) observation
         first = len(forced_tokens) if forced_tokens.all() else int(np.argmin(forced_tokens))
         trajs.append(tr)

@@ -188,7 +188,8 @@ def _aim_text(aim: dict[str, list[int]]) -> str:
 def summarize(start: dict[str, Any], end: dict[str, Any], seconds: dict[str, float], path: str,
               label: str, prior: dict[str, float] | None = None,
               reading: dict[str, float] | None = None,
-              aim: tuple[dict[str, list[int]], dict[str, list[int]]] | None = None) -> dict[str, Any]:
+              aim: tuple[dict[str, list[int]], dict[str, list[int]]] | None = None,
+              probe: dict[str, float] | None = None, temperature: float | None = None) -> dict[str, Any]:
     a, b = _headline(start), _headline(end)
     fmt = lambda v: "-" if v is None else f"{v:.3f}"  # noqa: E731
     lines = [f"# Mini-V* ({label})", "", "Held-out items, greedy, options shuffled (seeded).", "",
@@ -196,6 +197,15 @@ def summarize(start: dict[str, Any], end: dict[str, Any], seconds: dict[str, flo
     for k in a:
         d = None if a[k] is None or b[k] is None else b[k] - a[k]
         lines.append(f"| {k} | {fmt(a[k])} | {fmt(b[k])} | {fmt(d)} |")
+    if probe:
+        lines += ["", "The format model sampled at the GRPO temperature {} (`format_stage.probe`, {} "
+                  "episodes of training prompts): zooms on {:.3f} of episodes, {:.3f} of attribute zooms "
+                  "into the asked card, {:.3f} of calls fail, {:.3f} of episodes answered (a broken "
+                  "protocol makes GRPO unlearn zooming: BENCHMARKS.md, Mini-V* fourteenth runs), accuracy "
+                  "{:.3f}.".format(
+                      temperature, "{:.0f}".format(probe["episodes"]) if "episodes" in probe else "its",
+                      probe["zoom_rate"], probe["zoom_on_target"], probe["tool_failed_frac"],
+                      probe["answered"], probe["accuracy"])]
     if prior:
         lines += ["", "The format model's tool-call box, teacher-forced over the 12 tiles on {:.0f} training "
                   "attribute items (`format_stage.box_prior`): P(asked card's tile) {:.3f}, P(a scene card's "
@@ -218,7 +228,7 @@ def summarize(start: dict[str, Any], end: dict[str, Any], seconds: dict[str, flo
     with open(path + ".md", "w") as f:
         f.write(text)
     out = {"label": label, "start": a, "end": b, "seconds": seconds, "box_prior": prior, "full_view": reading,
-           "aim_by_frame": None if aim is None else {"start": aim[0], "end": aim[1]}}
+           "aim_by_frame": None if aim is None else {"start": aim[0], "end": aim[1]}, "probe": probe}
     with open(path + ".json", "w") as f:
         json.dump(out, f, indent=1)
     print(text, flush=True)
@@ -283,7 +293,7 @@ def run(c: ml_collections.ConfigDict, workdir: str, shared: str | None = None) -
         done = json.load(f)  # keys absent in format stages written before they existed
     aim = (aim_by_frame(os.path.join(shared, "eval_start")), aim_by_frame(os.path.join(workdir, "eval_end")))
     out = summarize(start, end, seconds, os.path.join(workdir, "summary"), c.label, done.get("box_prior"),
-                    done.get("full_view"), aim)
+                    done.get("full_view"), aim, done.get("probe"), c.grpo.rollout.temperature)
     out["viewer"] = os.path.join(workdir, "view.html")
     return out
 

@@ -23,13 +23,15 @@ from deepeyes_jax.sampling.rollout import Prompt, Sampler, Trajectory
 from deepeyes_jax.tools import parsing
 
 
-def forced_trajectory(sampler: Sampler, prompt: Prompt, turns: Sequence[str]) -> Trajectory:
+def forced_trajectory(sampler: Sampler, prompt: Prompt, turns: Sequence[str],
+                      max_turns: int | None = None) -> Trajectory:
     """The episode of `prompt` whose assistant turns are exactly `turns`.
 
     Turns follow the sampler's forced-turn rules: a turn that calls a tool ends at `</tool_call>`
     (the observation, opened by a non-policy `<|im_end|>`, follows), the final turn ends with
-    `<|im_end|>`. Like the sampler, the episode stops at a turn with no tool call or at `max_turns`;
-    leftover turns raise.
+    `<|im_end|>`. Like the sampler, the episode stops at a turn with no tool call or at `max_turns`
+    (default: the sampler's; at the limit a call runs but its observation is not appended, so
+    `max_turns=1` lays out a first turn alone, as scoring it needs); leftover turns raise.
 
     Raises:
       ValueError: turns left after the episode ended, or a prompt or response over its budget.
@@ -63,7 +65,7 @@ def forced_trajectory(sampler: Sampler, prompt: Prompt, turns: Sequence[str]) ->
             continue
         call, result = sampler.call_tool(parsed, pil, tcfg, i)
         calls.append(call)
-        if len(texts) >= cfg.max_turns:
+        if len(texts) >= (cfg.max_turns if max_turns is None else max_turns):
             stop = "max_turns"
             continue
         crop, obs = sampler.observe(result, close_turn=True)
