@@ -252,10 +252,8 @@ def first_turn_scores(sampler: Sampler, episodes: Sequence[tuple[tasks_lib.Task,
         if id(t) not in prompts:  # one image decode per task, however many turns are scored on it
             prompts[id(t)] = Prompt(image=tasks_lib.image_of(t), question=t.record["question"])
         tr = forced.forced_trajectory(sampler, prompts[id(t)], [turn], max_turns=1)
-        forced_tokens = tr.source == engine.FORCED  # the turn, then any (non-forced) observation
-        first = len(forced_tokens) if forced_tokens.all() else int(np.argmin(forced_tokens))
         trajs.append(tr)
-        spans.append((len(tr.prompt_ids), len(tr.prompt_ids) + first))
+        spans.append((len(tr.prompt_ids), len(tr.input_ids)))  # the response is the turn alone
     scores = []
     for s in range(0, len(trajs), chunk):
         part = trajs[s:s + chunk]
