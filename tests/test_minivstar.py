@@ -425,6 +425,9 @@ def test_shortened_mini_vstar_and_ablation_end_to_end(tmp_path):
                 f"--workdir={abl}", f"--shared={run_dir}", "--variants=none"])
     assert (abl / "ablation.png").is_file() and "| none |" in (abl / "ablation.md").read_text()
     assert not (abl / "common").exists()  # the shared stages were reused, not redone
+    took = json.loads((abl / "none" / "summary.json").read_text())["seconds"]
+    for stage in ("data+base", "format", "eval_start"):  # reused: the time they took, not 0
+        assert took[stage] == summary["seconds"][stage] > 0, stage
 
 
 def test_aim_by_frame_counts_first_zooms_into_the_asked_card(tmp_path):

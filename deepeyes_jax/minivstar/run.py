@@ -52,6 +52,21 @@ def _mark(path: str, info: dict[str, Any] | None = None) -> None:
         json.dump(info or {}, f)
 
 
+def _took(path: str, t0: float) -> float:
+    """Seconds the finished stage `path` took: what its marker recorded, or, where it has none (the stage
+    finished in this invocation), the time since `t0`, then recorded. So a rerun that resumes or reuses
+    finished stages (the ablation's shared ones) reports the time each took, not 0. A stage resumed
+    after a stop records the time of the invocation that finished it."""
+    marker = os.path.join(path, DONE)
+    with open(marker) as f:
+        info = json.load(f)
+    if "seconds" not in info:
+        info["seconds"] = time.time() - t0
+        with open(marker, "w") as f:
+            json.dump(info, f)
+    return info["seconds"]
+
+
 def _log(msg: str) -> None:
     print(f"[mini-v*] {msg}", flush=True)
 
@@ -223,7 +238,8 @@ def summarize(start: dict[str, Any], end: dict[str, Any], seconds: dict[str, flo
         lines += ["", "Zoom-needed items whose first zoom boxes the asked card (IoU >= 0.5), by the frame "
                   "the question names (`run.aim_by_frame`): start " + _aim_text(aim[0]) + "; end "
                   + _aim_text(aim[1]) + "."]
-    lines += ["", "Wall time (s): " + ", ".join(f"{k} {v:.0f}" for k, v in seconds.items())]
+    lines += ["", "Wall time (s, each stage when it ran): "
+              + ", ".join(f"{k} {v:.0f}" for k, v in seconds.items())]
     text = "\n".join(lines) + "\n"
     with open(path + ".md", "w") as f:
         f.write(text)
@@ -261,17 +277,19 @@ def run(c: ml_collections.ConfigDict, workdir: str, shared: str | None = None) -
     os.makedirs(shared, exist_ok=True)
     mesh = sharding.make_mesh(c.grpo.mesh.shape)
     rules = sharding.get_rules(c.grpo.mesh.rules)
-    seconds: dict[str, float] = {}
+    seconds: dict[str, float] = {}  # each stage's time when it ran (`_took`)
     t = time.time()
     held = heldout(c, shared)
+    seconds["data+base"] = _took(held, t)
+    t = time.time()
     base = base_model(c, shared)
-    seconds["data+base"] = time.time() - t
+    seconds["data+base"] += _took(base, t)
     t = time.time()
     fmt = format_model(c, shared, base, mesh, rules)
-    seconds["format"] = time.time() - t
+    seconds["format"] = _took(fmt, t)
     t = time.time()
     start = evaluate(c, fmt, None, held, os.path.join(shared, "eval_start"), mesh, rules)
-    seconds["eval_start"] = time.time() - t
+    seconds["eval_start"] = _took(os.path.join(shared, "eval_start"), t)
     _log("start: " + json.dumps(_headline(start)))
     t = time.time()
     g = c.grpo.copy_and_resolve_references()
@@ -279,11 +297,11 @@ def run(c: ml_collections.ConfigDict, workdir: str, shared: str | None = None) -
         g.model.checkpoint = fmt
     grpo_dir = os.path.join(workdir, "grpo")
     grpo(g, grpo_dir)
-    seconds["grpo"] = time.time() - t
+    seconds["grpo"] = _took(grpo_dir, t)
     t = time.time()
     end = evaluate(c, os.path.join(grpo_dir, "checkpoints"), fmt, held, os.path.join(workdir, "eval_end"),
                    mesh, rules)
-    seconds["eval_end"] = time.time() - t
+    seconds["eval_end"] = _took(os.path.join(workdir, "eval_end"), t)
     plots.plot_dynamics(os.path.join(grpo_dir, "metrics.jsonl"), os.path.join(workdir, "dynamics.png"),
                         title=f"Mini-V* GRPO ({c.label})", smoothing=0.6)
     viewer.write_page(os.path.join(workdir, "eval_end"), os.path.join(workdir, "view.html"), None, "all",

@@ -12,7 +12,7 @@ non-V* share of DeepEyes' mixture (ThinkLite) has none. Options are shuffled per
 The format stage's turns (`format_turns`) are what a pretrained VLM brings: the protocol, boxes that
 enclose objects, and reading what it sees; but not where or when to look. Each item is zoomed with
 probability `zoom_prob` whatever it needs, into the tile of a random card of the scene (a coarse box
-around some object), or with probability `aim` (attribute items; 0.3 in the Mini-V* default) into the
+around some object), or with probability `aim` (attribute items; 0.5 in the Mini-V* default) into the
 asked card's: a weak prior, as a pretrained VLM zooms better than chance but not reliably. The Mini-V*
 default's zoom turn names nothing ("Zoom in on a card."): the box is where the model looks, and
 grounding captions (below) are the only place a frame word decides a box.
