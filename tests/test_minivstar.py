@@ -417,6 +417,10 @@ def test_shortened_mini_vstar_and_ablation_end_to_end(tmp_path):
         assert sum(n for _, n in aim.values()) == needed
     steps = [json.loads(line) for line in (run_dir / "grpo/metrics.jsonl").read_text().splitlines()]
     assert [s["step"] for s in steps] == [1, 2]
+    quarters = summary["zoom_by_quarter"]  # 2 steps: two "quarters" of one step each
+    assert quarters and all(len(q) == 2 for q in quarters.values())
+    assert quarters == run.zoom_by_quarter(str(run_dir / "grpo/metrics.jsonl"))
+    assert "by quarter of the steps" in (run_dir / "summary.md").read_text()
     assert [s["groups/updated"] for s in steps] == [1, 1]  # of the 2 sampled (optim.update_groups)
     assert any(k.startswith("tools/zoom_rate/") for k in steps[0])
     html = (run_dir / "view.html").read_text()
@@ -452,6 +456,36 @@ def test_aim_by_frame_counts_first_zooms_into_the_asked_card(tmp_path):
     (tmp_path / "mini_vstar" / "items.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     with pytest.raises(ValueError, match="no frame named"):
         run.aim_by_frame(str(tmp_path))
+
+
+def test_zoom_by_quarter_averages_each_sources_training_zoom_rate(tmp_path):
+    rows = [{"step": i + 1, "tools/zoom_rate/vstar": i / 10, "reward/acc": 0.5} for i in range(10)]
+    for i in (0, 1, 5):  # steps whose batch held zoom-free prompts
+        rows[i]["tools/zoom_rate/minivstar_free"] = 1.0 - i / 10
+    path = tmp_path / "metrics.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows) + "\n")
+    got = run.zoom_by_quarter(str(path))
+    assert got.keys() == {"vstar", "minivstar_free"}
+    np.testing.assert_allclose(got["vstar"], [0.1, 0.4, 0.65, 0.85])  # steps 1-3, 4-6, 7-8, 9-10
+    assert got["minivstar_free"][2:] == [None, None]  # no zoom-free prompt after step 6
+    np.testing.assert_allclose(got["minivstar_free"][:2], [0.95, 0.5])
+    path.write_text(json.dumps(rows[0]) + "\n")  # fewer steps than quarters
+    assert run.zoom_by_quarter(str(path))["vstar"] == [0.0]
+
+
+def test_summary_leaves_out_what_a_run_did_not_measure(tmp_path):
+    report = {"benchmarks": {"mini_vstar": {"summary": {"shuffled": {
+        "accuracy": 0.5, "zoom_rate": 0.25, "calls_per_item": 0.25,
+        "zoom_split": {"zoom_needed": {"accuracy": 0.4, "zoom_rate": 0.5, "iou_mean": 0.6}}}}}}}
+    reading = {"attribute": float("nan"), "chance_attribute": float("nan"), "items_attribute": 0.0,
+               "relative": 0.5, "chance_relative": 0.5, "items_relative": 4.0}
+    out = run.summarize(report, report, {"grpo": 1.0}, str(tmp_path / "summary"), "test", reading=reading,
+                        quarters={"vstar": [0.25, 0.5], "minivstar_free": [None, 1.0]})
+    text = (tmp_path / "summary.md").read_text()
+    assert "right on 0.500 of 4 relative items (chance 0.500)." in text and "attribute items" not in text
+    assert "vstar 0.25 -> 0.50; minivstar_free - -> 1.00." in text
+    assert "| zoom_free/accuracy | - | - | - |" in text  # no zoom-free items evaluated
+    assert json.loads((tmp_path / "summary.json").read_text())["zoom_by_quarter"] == out["zoom_by_quarter"]
 
 
 def test_probe_counts_failed_calls_named_boxes_and_target_zooms():

@@ -26,6 +26,7 @@ from typing import Any
 
 import jax
 import ml_collections
+import numpy as np
 
 from deepeyes_jax.data import synthetic_vstar as sv
 from deepeyes_jax.eval import benchmarks as bench_lib
@@ -196,6 +197,24 @@ def aim_by_frame(eval_dir: str, order: str = "shuffled") -> dict[str, list[int]]
     return dict(sorted(out.items(), key=lambda kv: (-kv[1][0] / kv[1][1], kv[0])))
 
 
+def zoom_by_quarter(metrics_path: str) -> dict[str, list[float | None]]:
+    """{data source: [zoom rate of the training batches over each quarter of the GRPO steps]}, from
+    the trainer's `tools/zoom_rate/<source>` (sampled rollouts, not greedy): how tool use moves during
+    training on zoom-needed (`vstar`) and zoom-free (`minivstar_free`) prompts, where the greedy
+    evaluations see only the two ends. None for a quarter without prompts of that source."""
+    with open(metrics_path) as f:
+        rows = [json.loads(line) for line in f if line.strip()]
+    prefix = "tools/zoom_rate/"
+    sources = sorted({k[len(prefix):] for r in rows for k in r if k.startswith(prefix)})
+    quarters = [q for q in np.array_split(np.arange(len(rows)), 4) if len(q)]
+    out = {}
+    for source in sources:
+        key = prefix + source
+        rates = [[rows[i][key] for i in q if key in rows[i]] for q in quarters]
+        out[source] = [float(np.mean(r)) if r else None for r in rates]
+    return out
+
+
 def _aim_text(aim: dict[str, list[int]]) -> str:
     return ", ".join(f"{k} {a}/{n}" for k, (a, n) in aim.items())
 
@@ -204,7 +223,8 @@ def summarize(start: dict[str, Any], end: dict[str, Any], seconds: dict[str, flo
               label: str, prior: dict[str, float] | None = None,
               reading: dict[str, float] | None = None,
               aim: tuple[dict[str, list[int]], dict[str, list[int]]] | None = None,
-              probe: dict[str, float] | None = None, temperature: float | None = None) -> dict[str, Any]:
+              probe: dict[str, float] | None = None, temperature: float | None = None,
+              quarters: dict[str, list[float | None]] | None = None) -> dict[str, Any]:
     a, b = _headline(start), _headline(end)
     fmt = lambda v: "-" if v is None else f"{v:.3f}"  # noqa: E731
     lines = [f"# Mini-V* ({label})", "", "Held-out items, greedy, options shuffled (seeded).", "",
@@ -229,22 +249,28 @@ def summarize(start: dict[str, Any], end: dict[str, Any], seconds: dict[str, flo
                                                prior["asked_among_cards"], prior["chance_among_cards"],
                                                prior["asked_most_likely"])]
     if reading:
+        kinds = [f"{reading[k]:.3f} of {reading['items_' + k]:.0f} {k} items "
+                 f"(chance {reading['chance_' + k]:.3f})" for k in ("attribute", "relative")
+                 if reading.get("items_" + k)]  # a kind without items (a small run) is left out
         lines += ["", "Its answers to zoom-free training items without zooming, teacher-forced over the "
-                  "options (`format_stage.full_view_reading`): right on {:.3f} of {:.0f} attribute items "
-                  "(chance {:.3f}) and {:.3f} of {:.0f} relative items (chance {:.3f}).".format(
-                      reading["attribute"], reading["items_attribute"], reading["chance_attribute"],
-                      reading["relative"], reading["items_relative"], reading["chance_relative"])]
+                  "options (`format_stage.full_view_reading`): right on " + " and ".join(kinds) + "."]
     if aim:
         lines += ["", "Zoom-needed items whose first zoom boxes the asked card (IoU >= 0.5), by the frame "
                   "the question names (`run.aim_by_frame`): start " + _aim_text(aim[0]) + "; end "
                   + _aim_text(aim[1]) + "."]
+    if quarters:
+        lines += ["", "Zoom rate of the GRPO training batches (sampled) by quarter of the steps "
+                  "(`run.zoom_by_quarter`): " + "; ".join(
+                      f"{s} " + " -> ".join("-" if v is None else f"{v:.2f}" for v in q)
+                      for s, q in quarters.items()) + "."]
     lines += ["", "Wall time (s, each stage when it ran): "
               + ", ".join(f"{k} {v:.0f}" for k, v in seconds.items())]
     text = "\n".join(lines) + "\n"
     with open(path + ".md", "w") as f:
         f.write(text)
     out = {"label": label, "start": a, "end": b, "seconds": seconds, "box_prior": prior, "full_view": reading,
-           "aim_by_frame": None if aim is None else {"start": aim[0], "end": aim[1]}, "probe": probe}
+           "aim_by_frame": None if aim is None else {"start": aim[0], "end": aim[1]}, "probe": probe,
+           "zoom_by_quarter": quarters}
     with open(path + ".json", "w") as f:
         json.dump(out, f, indent=1)
     print(text, flush=True)
@@ -311,7 +337,8 @@ def run(c: ml_collections.ConfigDict, workdir: str, shared: str | None = None) -
         done = json.load(f)  # keys absent in format stages written before they existed
     aim = (aim_by_frame(os.path.join(shared, "eval_start")), aim_by_frame(os.path.join(workdir, "eval_end")))
     out = summarize(start, end, seconds, os.path.join(workdir, "summary"), c.label, done.get("box_prior"),
-                    done.get("full_view"), aim, done.get("probe"), c.grpo.rollout.temperature)
+                    done.get("full_view"), aim, done.get("probe"), c.grpo.rollout.temperature,
+                    zoom_by_quarter(os.path.join(grpo_dir, "metrics.jsonl")))
     out["viewer"] = os.path.join(workdir, "view.html")
     return out
 
