@@ -463,7 +463,8 @@ def test_zoom_by_quarter_averages_each_sources_training_zoom_rate(tmp_path):
     for i in (0, 1, 5):  # steps whose batch held zoom-free prompts
         rows[i]["tools/zoom_rate/minivstar_free"] = 1.0 - i / 10
     path = tmp_path / "metrics.jsonl"
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows) + "\n")
+    resumed = [dict(r, **{"tools/zoom_rate/vstar": 9.0}) for r in rows[4:6]]  # steps 5-6, redone after
+    path.write_text("".join(json.dumps(r) + "\n" for r in resumed + rows) + "\n")  # a stop: last wins
     got = run.zoom_by_quarter(str(path))
     assert got.keys() == {"vstar", "minivstar_free"}
     np.testing.assert_allclose(got["vstar"], [0.1, 0.4, 0.65, 0.85])  # steps 1-3, 4-6, 7-8, 9-10

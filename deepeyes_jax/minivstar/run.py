@@ -201,9 +201,9 @@ def zoom_by_quarter(metrics_path: str) -> dict[str, list[float | None]]:
     """{data source: [zoom rate of the training batches over each quarter of the GRPO steps]}, from
     the trainer's `tools/zoom_rate/<source>` (sampled rollouts, not greedy): how tool use moves during
     training on zoom-needed (`vstar`) and zoom-free (`minivstar_free`) prompts, where the greedy
-    evaluations see only the two ends. None for a quarter without prompts of that source."""
-    with open(metrics_path) as f:
-        rows = [json.loads(line) for line in f if line.strip()]
+    evaluations see only the two ends. None for a quarter without prompts of that source. Rows as
+    `writers.read_metrics` gives them: one per step, so a resumed run's repeated steps count once."""
+    rows = writers.read_metrics(metrics_path)
     prefix = "tools/zoom_rate/"
     sources = sorted({k[len(prefix):] for r in rows for k in r if k.startswith(prefix)})
     quarters = [q for q in np.array_split(np.arange(len(rows)), 4) if len(q)]
