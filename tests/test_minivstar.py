@@ -1,6 +1,7 @@
 """Mini-V*: tokenizer, model directory, tile scenes, format-stage turns and episodes, the NLL loss, and
 the shortened end-to-end run of the README's first command (CI checks the pipeline, not learning)."""
 
+import dataclasses
 import json
 import os
 import re
@@ -25,6 +26,8 @@ from deepeyes_jax.rl import grpo, metrics, rewards
 from deepeyes_jax.sampling import Greedy, Prompt, RolloutConfig, Sampler, engine, forced
 
 REPO = FIXTURES.parents[1]
+# Mini-V*'s scenes with border items in place of the zoom-free attribute items (not the default)
+BORDERS = dataclasses.replace(tasks.SYNTHETIC, border_frac=1.0)
 
 
 @pytest.fixture(scope="module")
@@ -106,22 +109,26 @@ def test_tile_cards_fill_their_tiles_and_tints_differ():
 
 
 def test_records_route_rewards_and_shuffle_options():
-    ts = tasks.make_tasks(16, seed=2)
+    ts = tasks.make_tasks(16, seed=2) + tasks.make_tasks(16, seed=2, cfg=BORDERS)
     for t in ts:
         r = t.record
-        assert r["data_source"] == ("vstar" if t.zoom_needed else tasks.FREE_SOURCE)
+        free = tasks.BORDER_SOURCE if tasks.item_kind(t) == "border" else tasks.FREE_SOURCE
+        assert r["data_source"] == ("vstar" if t.zoom_needed else free)
         assert r["options"][choices.LETTERS.index(r["answer"])] == t.annotation["options"][0]
         text = tasks.answer_turn(t.annotation["options"][0])  # the option's text
         with_crop = rewards.score(r, text, 1, config=rewards.RewardConfig(judges={"vstar": "rule"}))
         assert with_crop.accuracy == 1.0
         assert with_crop.total == (2.0 if t.zoom_needed else 0.8)  # no tool term on zoom-free items
     assert len({t.record["answer"] for t in ts}) > 1
+    assert {tasks.item_kind(t) for t in ts} == {"attribute", "relative", "border"}
+    assert "border" not in {tasks.item_kind(t) for t in ts[:16]}  # not in the default
 
 
 def test_format_turns_zoom_a_random_named_card_and_read_the_last_view():
-    ts = tasks.make_tasks(40, seed=4)
+    ts = tasks.make_tasks(40, seed=4) + tasks.make_tasks(40, seed=4, cfg=BORDERS)
     rng = np.random.default_rng(0)
     zoomed, hits = 0, 0
+    after_zoom = set()  # what border items answer after a zoom
     for t in ts:
         syn = t.annotation["synthetic"]
         for _ in range(5):
@@ -143,7 +150,10 @@ def test_format_turns_zoom_a_random_named_card_and_read_the_last_view():
             if len(syn["targets"]) == 1:  # it reads the card it zoomed into, asked about or not
                 assert said == card["stripes"]
                 hits += card is syn["cards"][syn["targets"][0]]
-    assert 50 < zoomed < 150 and 0 < hits < zoomed
+            if tasks.item_kind(t) == "border":
+                after_zoom.add(said == t.annotation["options"][0])
+    assert 100 < zoomed < 300 and 0 < hits < zoomed
+    assert after_zoom == {True, False}  # an arbitrary option: one tile's crop cannot show the border
 
 
 def test_restate_says_what_the_question_asks_and_still_zooms_at_random():
@@ -156,7 +166,7 @@ def test_restate_says_what_the_question_asks_and_still_zooms_at_random():
         for _ in range(5):
             turns = tasks.format_turns(t, rng, zoom_prob=0.8, restate=True)
             assert turns[0].startswith(lead)
-            assert all(name.split("card ")[1] in t.record["question"] for name in asked)  # its words
+            assert all(name.removeprefix("card ") in t.record["question"] for name in asked)  # its words
             if len(turns) == 1:
                 assert turns[0].startswith(lead + tasks.THINK_ANSWER + "</think>")
                 continue
@@ -177,7 +187,7 @@ def test_restate_says_what_the_question_asks_and_still_zooms_at_random():
 
 
 def test_aim_sends_that_share_of_attribute_zooms_into_the_asked_card():
-    ts = tasks.make_tasks(40, seed=2)
+    ts = tasks.make_tasks(40, seed=2, cfg=BORDERS)
     attr = [t for t in ts if len(t.annotation["synthetic"]["targets"]) == 1]
     relative = [t for t in ts if len(t.annotation["synthetic"]["targets"]) == 2]
 
@@ -190,9 +200,10 @@ def test_aim_sends_that_share_of_attribute_zooms_into_the_asked_card():
     hits = [on_target(t, tasks.format_turns(t, rng, 1.0, name=False, aim=a))
             for a in (0.0, 1.0) for t in attr]
     assert sum(hits[len(attr):]) == len(attr) and sum(hits[:len(attr)]) < 0.7 * len(attr)
-    # relative items (two cards asked about) stay random
-    assert relative
-    for t in relative:
+    # relative and border items (no one card asked about) stay random
+    border = [t for t in ts if tasks.item_kind(t) == "border"]
+    assert relative and border
+    for t in relative + border:
         assert (tasks.format_turns(t, np.random.default_rng(1), 1.0, aim=1.0)
                 == tasks.format_turns(t, np.random.default_rng(1), 1.0))
 
@@ -409,7 +420,13 @@ def test_shortened_mini_vstar_and_ablation_end_to_end(tmp_path):
                                                               "zoom_free/zoom_rate"}
     assert summary["box_prior"]["items"] >= 1 and "full_view_reading" in (run_dir / "summary.md").read_text()
     reading = summary["full_view"]
-    assert reading["items_attribute"] + reading["items_relative"] >= 1
+    assert reading["items_attribute"] + reading["items_relative"] + reading["items_border"] >= 1
+    kinds = summary["zoom_by_kind"]  # every held-out item, counted once, at both ends
+    assert kinds["start"].keys() == kinds["end"].keys() and kinds["end"] == run.zoom_by_kind(
+        str(run_dir / "eval_end"))
+    held = json.loads((run_dir / "heldout/synthetic_vstar.json").read_text())["num"]
+    assert all(sum(n for _, n in k.values()) == held for k in kinds.values())
+    assert "by kind (`run.zoom_by_kind`)" in (run_dir / "summary.md").read_text()
     assert summary["probe"]["episodes"] == 4 and "sampled at the GRPO temperature 0.5" in (
         run_dir / "summary.md").read_text()  # size=ci: 2 prompts x 2 samples
     needed = json.loads((run_dir / "heldout/synthetic_vstar.json").read_text())["counts"]["zoom_needed"]
@@ -458,6 +475,29 @@ def test_aim_by_frame_counts_first_zooms_into_the_asked_card(tmp_path):
         run.aim_by_frame(str(tmp_path))
 
 
+def test_zoom_by_kind_counts_zoomed_items_per_kind(tmp_path):
+    def row(i, question, category, zoom_needed, statuses, order="shuffled"):
+        return {"id": f"{category}/syn_{i:05d}", "order": order, "zoom_needed": zoom_needed,
+                "category": category, "question": f"Question: {question}\nOptions: \nA. x\n",
+                "tool_calls": [{"status": s} for s in statuses]}
+
+    stripes = "Which two colors make up the stripes on the card with the gold frame?"
+    border = "What color is the border of the picture?"
+    relative = "Is the card with red and cyan stripes above or below the card with blue and yellow stripes?"
+    rows = [row(0, stripes, "direct_attributes", True, ["ok"]),
+            row(1, stripes, "direct_attributes", True, ["error"]),  # a failed call is no zoom
+            row(2, stripes, "direct_attributes", False, []),
+            row(3, border, "direct_attributes", False, ["error", "ok"]),
+            row(4, border, "direct_attributes", False, []),
+            row(5, relative, "relative_position", False, ["ok"]),
+            row(6, border, "direct_attributes", False, ["ok"], order="original")]  # another order
+    (tmp_path / "mini_vstar").mkdir()
+    (tmp_path / "mini_vstar" / "items.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert run.zoom_by_kind(str(tmp_path)) == {"zoom_free/attribute": [0, 1], "zoom_free/border": [1, 2],
+                                               "zoom_free/relative": [1, 1], "zoom_needed": [1, 2]}
+    assert run.zoom_by_kind(str(tmp_path), order="original") == {"zoom_free/border": [1, 1]}
+
+
 def test_zoom_by_quarter_averages_each_sources_training_zoom_rate(tmp_path):
     rows = [{"step": i + 1, "tools/zoom_rate/vstar": i / 10, "reward/acc": 0.5} for i in range(10)]
     for i in (0, 1, 5):  # steps whose batch held zoom-free prompts
@@ -480,12 +520,15 @@ def test_summary_leaves_out_what_a_run_did_not_measure(tmp_path):
         "zoom_split": {"zoom_needed": {"accuracy": 0.4, "zoom_rate": 0.5, "iou_mean": 0.6}}}}}}}
     reading = {"attribute": float("nan"), "chance_attribute": float("nan"), "items_attribute": 0.0,
                "relative": 0.5, "chance_relative": 0.5, "items_relative": 4.0}
+    kinds = ({"zoom_free/border": [3, 4], "zoom_needed": [0, 8]}, {"zoom_free/border": [0, 4]})
     out = run.summarize(report, report, {"grpo": 1.0}, str(tmp_path / "summary"), "test", reading=reading,
-                        quarters={"vstar": [0.25, 0.5], "minivstar_free": [None, 1.0]})
+                        quarters={"vstar": [0.25, 0.5], "minivstar_free": [None, 1.0]}, kinds=kinds)
     text = (tmp_path / "summary.md").read_text()
     assert "right on 0.500 of 4 relative items (chance 0.500)." in text and "attribute items" not in text
     assert "vstar 0.25 -> 0.50; minivstar_free - -> 1.00." in text
     assert "| zoom_free/accuracy | - | - | - |" in text  # no zoom-free items evaluated
+    assert "by kind (`run.zoom_by_kind`): zoom_free/border 3/4 -> 0/4; zoom_needed 0/8 -> 0/0." in text
+    assert out["zoom_by_kind"] == {"start": kinds[0], "end": kinds[1]}
     assert json.loads((tmp_path / "summary.json").read_text())["zoom_by_quarter"] == out["zoom_by_quarter"]
 
 
@@ -525,9 +568,9 @@ def test_probe_counts_failed_calls_named_boxes_and_target_zooms():
 def test_box_prior_scores_each_tiles_zoom_turn_as_the_sampler_does(base_dir):
     mesh, pre, sampler = _format_setup(base_dir)
     pre.model.embed[...] = pre.model.embed[...] * 50  # peaked next-token distributions (tied head)
-    ts = tasks.make_tasks(12, seed=2)
-    attr = [t for t in ts if not tasks.is_relative(t)]
-    assert len(attr) < len(ts)  # relative items are skipped
+    ts = tasks.make_tasks(12, seed=2, cfg=BORDERS)
+    attr = [t for t in ts if tasks.asks_card(t)]
+    assert len(attr) < len(ts)  # relative and border items are skipped
     with jax.set_mesh(mesh):
         got = format_stage.box_prior(sampler, ts, 1, chunk=5)  # chunks of 5: the 12 tiles in 3 batches
         raw = format_stage.tile_scores(sampler, attr[:1], chunk=5)[0]
@@ -549,18 +592,18 @@ def test_box_prior_scores_each_tiles_zoom_turn_as_the_sampler_does(base_dir):
     for k in want:
         np.testing.assert_allclose(got[k], want[k], rtol=2e-3, atol=1e-4, err_msg=k)
     with pytest.raises(ValueError, match="attribute items"):
-        format_stage.box_prior(sampler, [t for t in ts if tasks.is_relative(t)], 4)
+        format_stage.box_prior(sampler, [t for t in ts if not tasks.asks_card(t)], 4)
 
 
 def test_full_view_reading_picks_each_zoom_free_items_likeliest_answer(base_dir):
     mesh, pre, sampler = _format_setup(base_dir)
     pre.model.embed[...] = pre.model.embed[...] * 50  # peaked next-token distributions (tied head)
-    ts = tasks.make_tasks(16, seed=2)
+    ts = tasks.make_tasks(16, seed=2) + tasks.make_tasks(16, seed=2, cfg=BORDERS)
     free = [t for t in ts if not t.zoom_needed]
-    assert len(free) < len(ts) and {tasks.is_relative(t) for t in free} == {True, False}
+    assert len(free) < len(ts) and {tasks.item_kind(t) for t in free} == {"attribute", "relative", "border"}
     with jax.set_mesh(mesh):
         got = format_stage.full_view_reading(sampler, ts, len(free), chunk=3)
-        right = {"attribute": [], "relative": []}
+        right = {"attribute": [], "relative": [], "border": []}
         for t in free:  # each option's answer forced through the sampler, which records its log-probs
             options = t.record["options"]
             trajs = sampler([Prompt(image=tasks.image_of(t), question=t.record["question"])] * len(options),
@@ -568,11 +611,10 @@ def test_full_view_reading_picks_each_zoom_free_items_likeliest_answer(base_dir)
                             forced=[[tasks.answer_turn(tasks.written(t, o))] for o in options])
             assert all((tr.source == engine.FORCED).all() and tr.stop_reason == "answer" for tr in trajs)
             scores = [tr.logprobs.sum() for tr in trajs]
-            right["relative" if tasks.is_relative(t) else "attribute"].append(
+            right[tasks.item_kind(t)].append(
                 options[int(np.argmax(scores))] == tasks.right_option(t))
-    want = {"attribute": np.mean(right["attribute"]), "relative": np.mean(right["relative"]),
-            "chance_attribute": 0.25, "chance_relative": 0.5, "items_attribute": len(right["attribute"]),
-            "items_relative": len(right["relative"])}
+    want = {**{k: np.mean(v) for k, v in right.items()}, **{f"items_{k}": len(v) for k, v in right.items()},
+            "chance_attribute": 0.25, "chance_relative": 0.5, "chance_border": 0.25}
     assert got == pytest.approx(want)
     with pytest.raises(ValueError, match="zoom-free items"):
         format_stage.full_view_reading(sampler, [t for t in ts if t.zoom_needed], 4)

@@ -213,10 +213,10 @@ def test_score_batch_errors():
 
 
 def test_registry():
-    assert rewards.registered_sources() == ["chart", "hrbench", "minivstar_free", "thinklite_eureka",
-                                            "vstar"]
+    assert rewards.registered_sources() == ["chart", "hrbench", "minivstar_border", "minivstar_free",
+                                            "thinklite_eureka", "vstar"]
     with pytest.raises(ValueError, match=r"no reward registered for data_source 'geoguessr'; registered: "
-                                         r"\['chart', 'hrbench', 'minivstar_free', "
+                                         r"\['chart', 'hrbench', 'minivstar_border', 'minivstar_free', "
                                          r"'thinklite_eureka', 'vstar'\]"):
         score(dict(VSTAR, data_source="geoguessr"), response(), 0, judge_result=1.0)
     with pytest.raises(ValueError, match=r"already registered for data_source 'vstar'"):

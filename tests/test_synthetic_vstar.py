@@ -107,3 +107,40 @@ def test_launcher_writes_the_set_and_prints_the_oracle(tmp_path):
     meta = json.loads((out / synthetic_vstar.META_FILE).read_text())
     assert meta["num"] == 8 and "oracle" in meta and meta["resized_hw"] == [84, 112]
     assert len(list(readers.read_vstar(out))) == 8
+
+
+def test_border_items_ask_what_only_the_full_view_shows_whole(tmp_path):
+    cfg = synthetic_vstar.SyntheticConfig(height=756, width=1008, max_pixels=50176, layout="tiles",
+                                          distractors=(1, 2), frame_tiles=True, border_frac=1.0,
+                                          zoom_needed_frac=0.5, relative_frac=0.2)
+    b = cfg.border_width
+    borders = 0
+    for i in range(30):
+        folder, img, ann = synthetic_vstar.make_item(i, 0, cfg)
+        syn = ann["synthetic"]
+        ring = np.concatenate([img[:b].reshape(-1, 3), img[-b:].reshape(-1, 3), img[:, :b].reshape(-1, 3),
+                               img[:, -b:].reshape(-1, 3)])
+        if "border" not in syn:  # zoom-needed and relative items: the tiles' tints reach the edge
+            assert tuple(img[0, 0]) == synthetic_vstar.tile_tint(0, cfg.tiles)
+            continue
+        borders += 1
+        colour = synthetic_vstar.BORDERS[syn["border"]]
+        assert (ring == colour).all()  # the whole band, no card over it
+        assert folder == "direct_attributes" and not ann["zoom_needed"] and syn["targets"] == []
+        assert ann["options"][0] == syn["border"]
+        assert sorted(ann["options"]) == sorted(synthetic_vstar.BORDERS)
+        assert ann["bbox"] == [[0, 0, 1008, 756]] and ann["target_object"] == [synthetic_vstar.BORDER_TARGET]
+        assert ann["question"] == "What color is the border of the picture?"
+        for card in syn["cards"]:  # inside the band and in their frame's tile
+            x, y, w, h = card["box"]
+            assert b <= x and x + w <= 1008 - b and b <= y and y + h <= 756 - b
+            assert card["tile"] == synthetic_vstar.FRAME_TILES[card["frame"]]
+    assert 3 <= borders <= 15
+    synthetic_vstar.write_dataset(tmp_path, 30, seed=0, cfg=cfg)
+    oracle = synthetic_vstar.oracle_check(tmp_path)["zoom_free/direct_attributes"]
+    assert oracle["n"] == borders and oracle["full_view"] == 1.0 and oracle["full_view_swap"] > 100
+    assert oracle["crop_swap"] == 0  # a middle tile's crop holds none of the border
+    with pytest.raises(ValueError, match="needs layout='tiles'"):
+        synthetic_vstar.SyntheticConfig(border_frac=0.5)
+    with pytest.raises(ValueError, match="a share"):
+        synthetic_vstar.SyntheticConfig(layout="tiles", height=756, width=1008, border_frac=1.5)

@@ -19,6 +19,10 @@ stripes tens of resized pixels wide. Question kinds, as in V*:
 - `relative_position`: "Is the card with red and cyan stripes on the left or right side of the card
   with blue and yellow stripes?" (or above/below), two options. Two white-framed cards; from the full
   view they look alike. Both boxes are ground truth; zoom-needed pairs fit in one crop.
+- with `border_frac` (layout "tiles", off by default), zoom-free attribute items ask "What color is the
+  border of the picture?": a band around the whole image in one of four colours (`BORDERS`), the
+  cards kept inside it. The full view shows the band all round; a crop of one tile shows a strip of it
+  at most. The ground-truth box is the whole image.
 
 `oracle_check` shows it: it processes the full image exactly as the processor would (`smart_resize` +
 PIL bicubic), reads the stripe pair of each target card by nearest-colour votes (a guess when no pixel is
@@ -58,6 +62,11 @@ FRAMES: dict[str, RGB] = {"crimson": (235, 40, 40), "lime": (40, 200, 70), "coba
 # With `frame_tiles`, the tile (row-major in the 4 x 3 lattice) each frame colour's card sits in: two per
 # row, spread over the columns.
 FRAME_TILES: dict[str, int] = {"crimson": 0, "lime": 2, "cobalt": 5, "gold": 7, "white": 8, "purple": 10}
+# Colours of the picture's border (`border_frac`): named with words no frame or stripe pair uses, bright
+# against the dark tiles, told apart in the full view by a vision tower trained for minutes.
+BORDERS: dict[str, RGB] = {"pink": (250, 140, 200), "teal": (0, 170, 160), "olive": (150, 150, 30),
+                           "silver": (200, 200, 215)}
+BORDER_TARGET = "border of the picture"
 NEUTRALS: tuple[RGB, ...] = ((128, 128, 128), (250, 250, 250), (0, 0, 0))
 META_FILE = "synthetic_vstar.json"
 ZOOM_MIN_SIDE = 31  # the crop tool accepts boxes with min side > 30 px
@@ -84,6 +93,10 @@ class SyntheticConfig:
         (`FRAME_TILES`), so where the card a question names sits is a fact to recall, not a visual
         search. The Mini-V* model, trained from scratch for minutes, cannot learn visual search;
         which card to look at, and when, is still its to find.
+      border_frac: (layout="tiles") share of the zoom-free attribute items that ask the colour of the
+        picture's border instead (`BORDERS`): a band `border_width` px wide around the whole image, the
+        cards of the scene kept inside it. The full view shows it all round; a crop of one tile shows at
+        most a strip of it, and one of the two middle tiles none. The ground-truth box is the image.
     """
 
     height: int = 1008
@@ -102,8 +115,14 @@ class SyntheticConfig:
     tiles: tuple[int, int] = (4, 3)
     tile_fill: tuple[float, float] = (0.8, 0.9)
     frame_tiles: bool = False
+    border_frac: float = 0.0
+    border_width: int = 42
 
     def __post_init__(self):
+        if self.border_frac and self.layout != "tiles":
+            raise ValueError(f"border_frac={self.border_frac} needs layout='tiles', got {self.layout!r}")
+        if not 0 <= self.border_frac <= 1:
+            raise ValueError(f"border_frac={self.border_frac}: a share, between 0 and 1")
         if self.frame_tiles and (self.layout != "tiles" or tuple(self.tiles) != (4, 3)):
             raise ValueError(f"frame_tiles=True needs layout='tiles' with tiles=(4, 3), got "
                              f"layout={self.layout!r}, tiles={self.tiles}")
@@ -294,10 +313,22 @@ def _attribute_text(rng: np.random.Generator, frame: str, answer: str) -> tuple[
     return question, options, [f"card with the {frame} frame"]
 
 
+def _border_text(rng: np.random.Generator, border: str) -> tuple[str, list[str], list[str]]:
+    """(question, options with the right one first, target names) of a border-colour item."""
+    names = list(BORDERS)
+    options = [border] + [names[i] for i in rng.permutation(len(names)) if names[i] != border]
+    return "What color is the border of the picture?", options, [BORDER_TARGET]
+
+
 def _annotate(img: np.ndarray, cfg: SyntheticConfig, cards: list[Card], targets: list[int], names: list[str],
-              question: str, options: list[str], zoom_needed: bool, tiles: list[int] | None = None
-              ) -> dict[str, Any]:
-    """Draws the cards into `img` and returns the V* annotation with the `synthetic` extras."""
+              question: str, options: list[str], zoom_needed: bool, tiles: list[int] | None = None,
+              border: str | None = None) -> dict[str, Any]:
+    """Draws the cards (and the `border`, a colour of `BORDERS`) into `img` and returns the V*
+    annotation with the `synthetic` extras. A border item's target is the whole image."""
+    if border is not None:
+        b = cfg.border_width
+        for region in (np.s_[:b], np.s_[-b:], np.s_[:, :b], np.s_[:, -b:]):
+            img[region] = BORDERS[border]
     for card in cards:
         card.draw(img)
     drawn = [{**dataclasses.asdict(c), "interior": list(c.interior)} for c in cards]
@@ -307,15 +338,25 @@ def _annotate(img: np.ndarray, cfg: SyntheticConfig, cards: list[Card], targets:
         for d, t in zip(drawn, tiles, strict=True):
             d["tile"] = t
         synthetic.update(layout="tiles", tiles=list(cfg.tiles))
-    return {"target_object": names, "bbox": [list(cards[t].box) for t in targets], "question": question,
+    boxes = [list(cards[t].box) for t in targets]
+    if border is not None:
+        synthetic.update(border=border, border_width=cfg.border_width)
+        boxes = [[0, 0, cfg.width, cfg.height]]
+    return {"target_object": names, "bbox": boxes, "question": question,
             "options": options, "zoom_needed": zoom_needed, "synthetic": synthetic}
 
 
 def _tile_card(rng: np.random.Generator, cfg: SyntheticConfig, tile: int, frame: str, stripes: str,
-               small: bool) -> Card:
-    """A card filling `tile_fill` of tile `tile`, jittered inside it; fine stripes when `small`."""
+               small: bool, inset: int = 0) -> Card:
+    """A card filling `tile_fill` of tile `tile`, jittered inside it; fine stripes when `small`. With
+    `inset`, the card keeps `inset` px from the image's edges (inside a border), shrunk if need be."""
     tx, ty, tw, th = cfg.tile_box(tile)
     side = int(rng.uniform(*cfg.tile_fill) * min(tw, th))
+    if inset:
+        x2, y2 = min(tx + tw, cfg.width - inset), min(ty + th, cfg.height - inset)
+        tx, ty = max(tx, inset), max(ty, inset)
+        tw, th = x2 - tx, y2 - ty
+        side = min(side, tw, th)
     x = tx + int(rng.integers(0, tw - side + 1))
     y = ty + int(rng.integers(0, th - side + 1))
     return _card(rng, cfg, (x, y, side, side), frame, stripes, small)
@@ -330,6 +371,7 @@ def _tiles_item(rng: np.random.Generator, cfg: SyntheticConfig, zoom_needed: boo
         x, y, w, h = cfg.tile_box(t)
         img[y:y + h, x:x + w] = tile_tint(t, cfg.tiles)
     pairs = list(PAIRS)
+    border = None
     if relative:
         p1, p2 = (pairs[i] for i in rng.permutation(len(pairs))[:2])
         horizontal = bool(rng.integers(2))
@@ -348,17 +390,26 @@ def _tiles_item(rng: np.random.Generator, cfg: SyntheticConfig, zoom_needed: boo
         question, options, names = _relative_text(p1, p2, horizontal, first)
         targets, folder, card_tiles = [0, 1], "relative_position", named
     else:
+        # no draw at border_frac 0: those sets keep their items
+        border = (list(BORDERS)[int(rng.integers(len(BORDERS)))]
+                  if cfg.border_frac and not zoom_needed and rng.random() < cfg.border_frac else None)
         frames = [list(FRAMES)[i] for i in rng.permutation(len(FRAMES))]
         k = 1 + int(rng.integers(cfg.distractors[0], cfg.distractors[1] + 1))
         card_tiles = [int(t) for t in rng.permutation(cols * rows)[:k]]  # drawn either way: the rest
         if cfg.frame_tiles:  # of the scene is the same with and without frame_tiles
             card_tiles = [FRAME_TILES[f] for f in frames[:k]]
+        inset = cfg.border_width if border else 0
         cards = [_tile_card(rng, cfg, t, frames[i], pairs[int(rng.integers(len(pairs)))],
-                            zoom_needed if i == 0 else bool(rng.random() < 0.7))
+                            zoom_needed if i == 0 else bool(rng.random() < 0.7), inset)
                  for i, t in enumerate(card_tiles)]
-        question, options, names = _attribute_text(rng, frames[0], cards[0].stripes)
-        targets, folder = [0], "direct_attributes"
-    return folder, img, _annotate(img, cfg, cards, targets, names, question, options, zoom_needed, card_tiles)
+        if border:
+            question, options, names = _border_text(rng, border)
+            targets, folder = [], "direct_attributes"
+        else:
+            question, options, names = _attribute_text(rng, frames[0], cards[0].stripes)
+            targets, folder = [0], "direct_attributes"
+    return folder, img, _annotate(img, cfg, cards, targets, names, question, options, zoom_needed, card_tiles,
+                                  border)
 
 
 def write_dataset(output: str | os.PathLike, num: int, seed: int = 0,
@@ -477,6 +528,41 @@ def _views(image: np.ndarray, crop: tuple[int, int, int, int], budget: int, min_
             processor_view(np.ascontiguousarray(image[y1:y2, x1:x2]), budget, min_pixels, factor))
 
 
+def read_border(view: np.ndarray) -> str:
+    """The border colour of a (resized) view: the `BORDERS` colour nearest the mean of its outermost
+    ring of pixels."""
+    ring = np.concatenate([view[0], view[-1], view[1:-1, 0], view[1:-1, -1]]).astype(np.float32)
+    names = list(BORDERS)
+    dist = ((ring.mean(0)[None] - np.array([BORDERS[n] for n in names], np.float32)) ** 2).sum(-1)
+    return names[int(np.argmin(dist))]
+
+
+def _border_row(image: np.ndarray, ann: dict[str, Any], budget: int, min_pixels: int, factor: int
+                ) -> dict[str, float]:
+    """oracle_check's row for a border item: read from the full view, and from a crop of one of the
+    two middle tiles of the 4 x 3 lattice (which holds no border) as the crop; the swaps redraw the
+    band in the other colours."""
+    syn = ann["synthetic"]
+    h, w = image.shape[:2]
+    cols, rows = syn["tiles"]
+    tw, th = w // cols, h // rows
+    middle = (tw, th, 2 * tw, 2 * th)  # tile 5: no edge of the image
+    full, zoomed = _views(image, middle, budget, min_pixels, factor)
+    b = syn["border_width"]
+    swaps = []
+    for other in BORDERS:
+        if other != syn["border"]:
+            img = image.copy()
+            for region in (np.s_[:b], np.s_[-b:], np.s_[:, :b], np.s_[:, -b:]):
+                img[region] = BORDERS[other]
+            swaps.append(_views(img, middle, budget, min_pixels, factor))
+    row = {"full_view": read_border(full) == syn["border"], "full_view_decided": True,
+           "crop": read_border(zoomed) == syn["border"],
+           "full_view_swap": max(np.abs(f.astype(int) - full).max() for f, _ in swaps),
+           "crop_swap": max(np.abs(c.astype(int) - zoomed).max() for _, c in swaps)}
+    return {k: float(v) for k, v in row.items()}
+
+
 def oracle_check(root: str | os.PathLike, max_pixels: int | None = None, min_pixels: int = 3136,
                  factor: int = 28, margin: float = 0.25, limit: int | None = None,
                  seed: int = 0) -> dict[str, dict[str, float]]:
@@ -489,6 +575,8 @@ def oracle_check(root: str | os.PathLike, max_pixels: int | None = None, min_pix
       {"zoom_needed/<folder>" | "zoom_free/<folder>": {"n", "chance", "full_view", "crop" (accuracies),
        "full_view_decided" (fraction answered without a guess), "full_view_swap", "crop_swap" (mean over
        items of the largest change, in grey levels, that any other answer drawn in makes to the view)}}.
+      Border items (`border_frac`) are read from the ring of the view's outermost pixels; their "crop" is
+      one of the two middle tiles (no border in it: what a zoom into one card's tile can lose).
     """
     rng = np.random.default_rng(seed)
     anns = read_annotations(root)
@@ -498,6 +586,10 @@ def oracle_check(root: str | os.PathLike, max_pixels: int | None = None, min_pix
         budget = max_pixels or ann["synthetic"]["max_pixels"]
         with Image.open(os.path.join(os.fspath(root), key + ".png")) as im:
             image = np.asarray(im.convert("RGB"))
+        group = f"{'zoom_needed' if ann['zoom_needed'] else 'zoom_free'}/{key.split('/')[0]}"
+        if "border" in ann["synthetic"]:
+            tally.setdefault(group, []).append(_border_row(image, ann, budget, min_pixels, factor))
+            continue
         targets = [ann["synthetic"]["cards"][t] for t in ann["synthetic"]["targets"]]
         b = np.array([c["box"] for c in targets], np.float64)
         lo, hi = b[:, :2].min(0), (b[:, :2] + b[:, 2:]).max(0)
@@ -512,7 +604,6 @@ def oracle_check(root: str | os.PathLike, max_pixels: int | None = None, min_pix
                                               *c["interior"][2:]), cscale, rng) for c in targets]
         swaps = [_views(v, crop, budget, min_pixels, factor) for v in _variants(image, targets)]
         truth, options = [c["stripes"] for c in targets], ann["options"]
-        group = f"{'zoom_needed' if ann['zoom_needed'] else 'zoom_free'}/{key.split('/')[0]}"
         row = {"full_view": _answer(options, [p for p, _ in full_pred], truth, rng) == options[0],
                "full_view_decided": all(d for _, d in full_pred),
                "crop": _answer(options, [p for p, _ in crop_pred], truth, rng) == options[0],

@@ -143,9 +143,10 @@ def episodes(sampler: Sampler, tasks: Sequence[tasks_lib.Task], rng: np.random.G
 def caption_pools(tasks: Sequence[tasks_lib.Task]) -> dict[str, Sequence[int]]:
     """Per caption kind, the tasks it can draw from: grounding from attribute scenes (their frames
     tell cards apart), full-view questions from zoom-free items, crops from any scene."""
-    one_card = [i for i, t in enumerate(tasks) if not tasks_lib.is_relative(t)]
-    return {"crop": range(len(tasks)), "ground": one_card,
-            "full_view": [i for i, t in enumerate(tasks) if not t.zoom_needed], "read": one_card}
+    framed = [i for i, t in enumerate(tasks) if not tasks_lib.is_relative(t)]
+    return {"crop": range(len(tasks)), "ground": framed,
+            "full_view": [i for i, t in enumerate(tasks) if not t.zoom_needed],
+            "read": [i for i, t in enumerate(tasks) if tasks_lib.asks_card(t)]}
 
 
 def observation_prompt(sampler: Sampler, image: Image.Image) -> list[int]:
@@ -206,8 +207,8 @@ def probe(sampler: Sampler, tasks: Sequence[tasks_lib.Task], prompts: int, sampl
         task = picked[i // samples]
         syn = task.annotation["synthetic"]
         tiles = {c["frame"]: tasks_lib.tile_box(c["tile"]) for c in syn["cards"]}
-        target = syn["cards"][syn["targets"][0]]
-        attribute = not tasks_lib.is_relative(task)
+        attribute = tasks_lib.asks_card(task)
+        target = syn["cards"][syn["targets"][0]] if attribute else None
         zoomed += bool(tr.tool_calls)
         if attribute:
             attr += 1
@@ -277,8 +278,8 @@ def full_view_reading(sampler: Sampler, tasks: Sequence[tasks_lib.Task], items: 
                       ) -> dict[str, float]:
     """Whether the model can answer zoom-free items without zooming, teacher-forced: on the first
     `items` zoom-free items, the share whose most likely answering first turn (`tasks.answer_turn`, no
-    zoom) gives the right option, for attribute and relative items (`attribute`, `relative`, against
-    `chance_attribute` and `chance_relative`: one over the options).
+    zoom) gives the right option, per kind of item (`tasks.item_kind`: `attribute`, `relative`, `border`,
+    against `chance_<kind>`: one over the options).
 
     Zooming pays nothing on an item the model reads from the full view, so this is what selective tool
     use needs first (BENCHMARKS.md, Mini-V* thirteenth runs).
@@ -288,13 +289,14 @@ def full_view_reading(sampler: Sampler, tasks: Sequence[tasks_lib.Task], items: 
         raise ValueError("full_view_reading needs zoom-free items; none were given")
     scores = first_turn_scores(sampler, [(t, tasks_lib.answer_turn(tasks_lib.written(t, o)))
                                          for t in picked for o in t.record["options"]], chunk)
-    right, chance = {"attribute": [], "relative": []}, {"attribute": [], "relative": []}
+    right = {k: [] for k in ("attribute", "relative", "border")}
+    chance = {k: [] for k in right}
     start = 0
     for t in picked:
         options = t.record["options"]
         best = options[int(np.argmax(scores[start:start + len(options)]))]
         start += len(options)
-        kind = "relative" if tasks_lib.is_relative(t) else "attribute"
+        kind = tasks_lib.item_kind(t)
         right[kind].append(best == tasks_lib.right_option(t))
         chance[kind].append(1 / len(options))
     out = {}
@@ -316,7 +318,7 @@ def box_prior(sampler: Sampler, tasks: Sequence[tasks_lib.Task], items: int, chu
     those (`asked_among_cards`, against `chance_among_cards`: one over the cards), and the share of
     items whose most likely tile is the asked card's (`asked_most_likely`).
     """
-    picked = [t for t in tasks if not tasks_lib.is_relative(t)][:items]
+    picked = [t for t in tasks if tasks_lib.asks_card(t)][:items]
     if not picked:
         raise ValueError("box_prior needs attribute items (one card asked about); none were given")
     scores = tile_scores(sampler, picked, chunk)

@@ -12,7 +12,8 @@ rerun resumes (the GRPO stage resumes from its last Orbax checkpoint):
   grpo/               the GRPO run (metrics.jsonl, trajectories, Orbax checkpoints)
   eval_end/           evaluation of the last GRPO checkpoint on heldout/
   dynamics.png        the training-dynamics figure;  summary.md / summary.json  start vs end (with
-                      the format-stage diagnostics and `aim_by_frame`)
+                      the format-stage diagnostics, `aim_by_frame`, `zoom_by_kind` and
+                      `zoom_by_quarter`)
   view.html           the trajectory viewer page of the final evaluation
 """
 
@@ -197,6 +198,28 @@ def aim_by_frame(eval_dir: str, order: str = "shuffled") -> dict[str, list[int]]
     return dict(sorted(out.items(), key=lambda kv: (-kv[1][0] / kv[1][1], kv[0])))
 
 
+def zoom_by_kind(eval_dir: str, order: str = "shuffled") -> dict[str, list[int]]:
+    """{kind: [items zoomed, items]} over an evaluation (`evaluate`'s `out`): zoom-needed items, and the
+    zoom-free ones by kind (`zoom_free/attribute`, `/relative`, `/border`: the picture's border,
+    `SyntheticConfig.border_frac`). Selective use shows here: a zoom can only lose a border item."""
+    out: dict[str, list[int]] = {}
+    with open(os.path.join(eval_dir, "mini_vstar", "items.jsonl")) as f:
+        for line in f:
+            row = json.loads(line)
+            if row["order"] != order:
+                continue
+            if row["zoom_needed"]:
+                kind = "zoom_needed"
+            elif sv.BORDER_TARGET in row["question"]:
+                kind = "zoom_free/border"
+            else:
+                kind = "zoom_free/" + ("relative" if row["category"] == "relative_position" else "attribute")
+            n = out.setdefault(kind, [0, 0])
+            n[0] += int(any(c["status"] == "ok" for c in row["tool_calls"]))
+            n[1] += 1
+    return dict(sorted(out.items()))
+
+
 def zoom_by_quarter(metrics_path: str) -> dict[str, list[float | None]]:
     """{data source: [zoom rate of the training batches over each quarter of the GRPO steps]}, from
     the trainer's `tools/zoom_rate/<source>` (sampled rollouts, not greedy): how tool use moves during
@@ -224,7 +247,8 @@ def summarize(start: dict[str, Any], end: dict[str, Any], seconds: dict[str, flo
               reading: dict[str, float] | None = None,
               aim: tuple[dict[str, list[int]], dict[str, list[int]]] | None = None,
               probe: dict[str, float] | None = None, temperature: float | None = None,
-              quarters: dict[str, list[float | None]] | None = None) -> dict[str, Any]:
+              quarters: dict[str, list[float | None]] | None = None,
+              kinds: tuple[dict[str, list[int]], dict[str, list[int]]] | None = None) -> dict[str, Any]:
     a, b = _headline(start), _headline(end)
     fmt = lambda v: "-" if v is None else f"{v:.3f}"  # noqa: E731
     lines = [f"# Mini-V* ({label})", "", "Held-out items, greedy, options shuffled (seeded).", "",
@@ -249,15 +273,19 @@ def summarize(start: dict[str, Any], end: dict[str, Any], seconds: dict[str, flo
                                                prior["asked_among_cards"], prior["chance_among_cards"],
                                                prior["asked_most_likely"])]
     if reading:
-        kinds = [f"{reading[k]:.3f} of {reading['items_' + k]:.0f} {k} items "
-                 f"(chance {reading['chance_' + k]:.3f})" for k in ("attribute", "relative")
+        read = [f"{reading[k]:.3f} of {reading['items_' + k]:.0f} {k} items "
+                 f"(chance {reading['chance_' + k]:.3f})" for k in ("attribute", "relative", "border")
                  if reading.get("items_" + k)]  # a kind without items (a small run) is left out
         lines += ["", "Its answers to zoom-free training items without zooming, teacher-forced over the "
-                  "options (`format_stage.full_view_reading`): right on " + " and ".join(kinds) + "."]
+                  "options (`format_stage.full_view_reading`): right on " + ", ".join(read) + "."]
     if aim:
         lines += ["", "Zoom-needed items whose first zoom boxes the asked card (IoU >= 0.5), by the frame "
                   "the question names (`run.aim_by_frame`): start " + _aim_text(aim[0]) + "; end "
                   + _aim_text(aim[1]) + "."]
+    if kinds:
+        lines += ["", "Held-out items zoomed, greedy, by kind (`run.zoom_by_kind`): " + "; ".join(
+            f"{k} {a}/{n} -> {kinds[1].get(k, [0, 0])[0]}/{kinds[1].get(k, [0, 0])[1]}"
+            for k, (a, n) in kinds[0].items()) + "."]
     if quarters:
         lines += ["", "Zoom rate of the GRPO training batches (sampled) by quarter of the steps "
                   "(`run.zoom_by_quarter`): " + "; ".join(
@@ -270,7 +298,8 @@ def summarize(start: dict[str, Any], end: dict[str, Any], seconds: dict[str, flo
         f.write(text)
     out = {"label": label, "start": a, "end": b, "seconds": seconds, "box_prior": prior, "full_view": reading,
            "aim_by_frame": None if aim is None else {"start": aim[0], "end": aim[1]}, "probe": probe,
-           "zoom_by_quarter": quarters}
+           "zoom_by_quarter": quarters,
+           "zoom_by_kind": None if kinds is None else {"start": kinds[0], "end": kinds[1]}}
     with open(path + ".json", "w") as f:
         json.dump(out, f, indent=1)
     print(text, flush=True)
@@ -338,7 +367,9 @@ def run(c: ml_collections.ConfigDict, workdir: str, shared: str | None = None) -
     aim = (aim_by_frame(os.path.join(shared, "eval_start")), aim_by_frame(os.path.join(workdir, "eval_end")))
     out = summarize(start, end, seconds, os.path.join(workdir, "summary"), c.label, done.get("box_prior"),
                     done.get("full_view"), aim, done.get("probe"), c.grpo.rollout.temperature,
-                    zoom_by_quarter(os.path.join(grpo_dir, "metrics.jsonl")))
+                    zoom_by_quarter(os.path.join(grpo_dir, "metrics.jsonl")),
+                    (zoom_by_kind(os.path.join(shared, "eval_start")),
+                     zoom_by_kind(os.path.join(workdir, "eval_end"))))
     out["viewer"] = os.path.join(workdir, "view.html")
     return out
 

@@ -6,8 +6,9 @@ Zoom-needed cards have stripes 2 px wide (period below the downscale: a grey car
 resolved in a crop of its tile); zoom-free cards have stripes tens of pixels wide.
 
 Records follow `data/schema.py`. Zoom-needed items are `data_source="vstar"` (the V* reward with its
-tool term); zoom-free items are `"minivstar_free"`, the same answer rules without a tool term, as the
-non-V* share of DeepEyes' mixture (ThinkLite) has none. Options are shuffled per item.
+tool term); zoom-free items are `"minivstar_free"` (border items `"minivstar_border"`), the same answer
+rules without a tool term, as the non-V* share of DeepEyes' mixture (ThinkLite) has none. Options are
+shuffled per item.
 
 The format stage's turns (`format_turns`) are what a pretrained VLM brings: the protocol, boxes that
 enclose objects, and reading what it sees; but not where or when to look. Each item is zoomed with
@@ -23,7 +24,8 @@ into by its frame ("Zoom in on the crimson card."), so the box follows the name,
 model reads a question. Neither ties the card zoomed into to the question (BENCHMARKS.md, Mini-V*
 sixth and seventh runs measure both). The answer reports the last image the model looked at: after a
 zoom, the stripes of the card it zoomed into (relative items: an arbitrary option, one card cannot
-settle them); without one, the right option when the full view shows it (zoom-free items), else an
+settle them; border items likewise: a crop of one tile shows a strip of the border at most); without
+one, the right option when the full view shows it (zoom-free items), else an
 arbitrary option. So the starting model zooms mostly at random, reads whatever card it zoomed into,
 and is right only when that card is the one asked about. GRPO has to learn to zoom into the card the
 question asks about, and when zooming pays. Answers are the option's text, as DeepEyes' curated
@@ -56,6 +58,7 @@ SYNTHETIC = sv.SyntheticConfig(height=756, width=1008, max_pixels=50176, layout=
                                detail=0.9, zoom_needed_frac=0.75, relative_frac=0.2, distractors=(1, 2),
                                frame_tiles=True)
 FREE_SOURCE = "minivstar_free"
+BORDER_SOURCE = "minivstar_border"  # zoom-free border items (`SyntheticConfig.border_frac`): same rules
 # The V2 prompt's gist in two lines (the byte-exact V2 system prompt is 297 tokens of JSON schema
 # a model trained from scratch cannot read; it would be half of every CPU sequence). The user suffix
 # stays the reference's.
@@ -117,11 +120,17 @@ def make_tasks(n: int, seed: int, cfg: sv.SyntheticConfig = SYNTHETIC, start: in
         options, answer = choices.shuffle_options([str(o) for o in ann["options"]], "A", seed, rid)
         boxes = [[x, y, x + w, y + h] for x, y, w, h in ann["bbox"]]
         rec = schema.make_record(
-            id=rid, data_source="vstar" if ann["zoom_needed"] else FREE_SOURCE, image=_png(img),
+            id=rid, data_source=_source(ann), image=_png(img),
             question=choices.format_question(ann["question"], options), answer=answer, options=options,
             gt_boxes=boxes, category=("zoom_needed/" if ann["zoom_needed"] else "zoom_free/") + folder)
         out.append(Task(rec, ann))
     return tuple(out)
+
+
+def _source(ann: dict[str, Any]) -> str:
+    if ann["zoom_needed"]:
+        return "vstar"
+    return BORDER_SOURCE if "border" in ann["synthetic"] else FREE_SOURCE
 
 
 def tile_box(tile: int, cfg: sv.SyntheticConfig = SYNTHETIC) -> list[int]:
@@ -151,6 +160,18 @@ def is_relative(task: Task) -> bool:
     return len(task.annotation["synthetic"]["targets"]) > 1
 
 
+def item_kind(task: Task) -> str:
+    """"attribute" (one card asked about), "relative" (two cards) or "border" (the picture's border)."""
+    if "border" in task.annotation["synthetic"]:
+        return "border"
+    return "relative" if is_relative(task) else "attribute"
+
+
+def asks_card(task: Task) -> bool:
+    """Whether the task asks about one card (an attribute item): it has one target card."""
+    return item_kind(task) == "attribute"
+
+
 def written(task: Task, option: str) -> str:
     """How the format stage answers with `option`: its text, or for a relative-position item its
     letter. Relative options are two 20-token sentences that differ in one word; the tiny model cannot
@@ -176,12 +197,12 @@ def format_turns(task: Task, rng: np.random.Generator, zoom_prob: float = 0.5,
     if rng.random() >= zoom_prob:
         return [answer_turn(right if not task.zoom_needed else arbitrary, lead + THINK_ANSWER)]
     card = syn["cards"][int(rng.integers(len(syn["cards"])))]
-    relative = is_relative(task)
-    if aim and not relative and rng.random() < aim:  # no draw at 0: the default's episodes stay
+    one_card = asks_card(task)
+    if aim and one_card and rng.random() < aim:  # no draw at 0: the default's episodes stay
         card = syn["cards"][syn["targets"][0]]
     think = think_zoom(card["frame"]) if name else THINK_LOOK
     return [zoom_turn(tile_box(card["tile"], cfg), lead + think),
-            answer_turn(arbitrary if relative else card["stripes"])]
+            answer_turn(card["stripes"] if one_card else arbitrary)]
 
 
 def ground_question(frame: str) -> str:
@@ -229,8 +250,9 @@ def pretrain_example(task: Task, kind: str, rng: np.random.Generator,
         return (image_of(task), ground_question(card["frame"]),
                 grounding_text(tile_box(card["tile"], cfg)))
     if kind == "read":
-        if is_relative(task):
-            raise ValueError("read captions need an attribute item (one card asked about)")
+        if not asks_card(task):
+            raise ValueError(f"read captions need an attribute item (one card asked about), not a "
+                             f"{item_kind(task)} item")
         # half of them the bare question, without options: the frame word a few tokens from the answer
         question = task.record["question"] if rng.random() < 0.5 else task.annotation["question"]
         return image_of(task), question, think_restate(task) + "<|im_end|>"

@@ -254,6 +254,8 @@ register_reward("thinklite_eureka", BoxedMathReward("math+llm"))
 # Mini-V*'s zoom-free items: the answer-tag rules without a tool term, as DeepEyes' non-V* share of the
 # mixture (ThinkLite) has none; see deepeyes_jax/minivstar/tasks.py.
 register_reward("minivstar_free", AnswerTagReward("choice", tool_term=False))
+# its border items (the same rules; their own source, so training metrics show them apart)
+register_reward("minivstar_border", AnswerTagReward("choice", tool_term=False))
 
 
 def _source(record: Mapping[str, Any]) -> str:
