@@ -320,15 +320,19 @@ def _border_text(rng: np.random.Generator, border: str) -> tuple[str, list[str],
     return "What color is the border of the picture?", options, [BORDER_TARGET]
 
 
+def _draw_border(img: np.ndarray, border: str, width: int) -> None:
+    """Paints a band `width` px wide around `img` in the `BORDERS` colour `border`."""
+    for region in (np.s_[:width], np.s_[-width:], np.s_[:, :width], np.s_[:, -width:]):
+        img[region] = BORDERS[border]
+
+
 def _annotate(img: np.ndarray, cfg: SyntheticConfig, cards: list[Card], targets: list[int], names: list[str],
               question: str, options: list[str], zoom_needed: bool, tiles: list[int] | None = None,
               border: str | None = None) -> dict[str, Any]:
     """Draws the cards (and the `border`, a colour of `BORDERS`) into `img` and returns the V*
     annotation with the `synthetic` extras. A border item's target is the whole image."""
     if border is not None:
-        b = cfg.border_width
-        for region in (np.s_[:b], np.s_[-b:], np.s_[:, :b], np.s_[:, -b:]):
-            img[region] = BORDERS[border]
+        _draw_border(img, border, cfg.border_width)
     for card in cards:
         card.draw(img)
     drawn = [{**dataclasses.asdict(c), "interior": list(c.interior)} for c in cards]
@@ -402,12 +406,9 @@ def _tiles_item(rng: np.random.Generator, cfg: SyntheticConfig, zoom_needed: boo
         cards = [_tile_card(rng, cfg, t, frames[i], pairs[int(rng.integers(len(pairs)))],
                             zoom_needed if i == 0 else bool(rng.random() < 0.7), inset)
                  for i, t in enumerate(card_tiles)]
-        if border:
-            question, options, names = _border_text(rng, border)
-            targets, folder = [], "direct_attributes"
-        else:
-            question, options, names = _attribute_text(rng, frames[0], cards[0].stripes)
-            targets, folder = [0], "direct_attributes"
+        question, options, names = (_border_text(rng, border) if border
+                                    else _attribute_text(rng, frames[0], cards[0].stripes))
+        targets, folder = ([] if border else [0]), "direct_attributes"
     return folder, img, _annotate(img, cfg, cards, targets, names, question, options, zoom_needed, card_tiles,
                                   border)
 
@@ -548,13 +549,11 @@ def _border_row(image: np.ndarray, ann: dict[str, Any], budget: int, min_pixels:
     tw, th = w // cols, h // rows
     middle = (tw, th, 2 * tw, 2 * th)  # tile 5: no edge of the image
     full, zoomed = _views(image, middle, budget, min_pixels, factor)
-    b = syn["border_width"]
     swaps = []
     for other in BORDERS:
         if other != syn["border"]:
             img = image.copy()
-            for region in (np.s_[:b], np.s_[-b:], np.s_[:, :b], np.s_[:, -b:]):
-                img[region] = BORDERS[other]
+            _draw_border(img, other, syn["border_width"])
             swaps.append(_views(img, middle, budget, min_pixels, factor))
     row = {"full_view": read_border(full) == syn["border"], "full_view_decided": True,
            "crop": read_border(zoomed) == syn["border"],

@@ -23,6 +23,7 @@ import json
 import os
 import re
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import jax
@@ -175,6 +176,15 @@ def _headline(report: dict[str, Any], order: str = "shuffled") -> dict[str, floa
             "zoom_free/zoom_rate": free.get("zoom_rate"), "calls_per_item": s["calls_per_item"]}
 
 
+def _eval_rows(eval_dir: str, order: str) -> Iterator[dict[str, Any]]:
+    """The per-item results of an evaluation (`evaluate`'s `out`) in one option order."""
+    with open(os.path.join(eval_dir, "mini_vstar", "items.jsonl")) as f:
+        for line in f:
+            row = json.loads(line)
+            if row["order"] == order:
+                yield row
+
+
 def aim_by_frame(eval_dir: str, order: str = "shuffled") -> dict[str, list[int]]:
     """{frame: [boxed, items]} over the zoom-needed items of an evaluation (`evaluate`'s `out`), by
     the frame colour their question names: on how many the first successful zoom boxes the asked card
@@ -182,19 +192,17 @@ def aim_by_frame(eval_dir: str, order: str = "shuffled") -> dict[str, list[int]]
     Where a frame sits is a fact the policy has to learn per frame (`synthetic_vstar.FRAME_TILES`), so
     this shows which of them GRPO learned (BENCHMARKS.md, Mini-V* fourteenth runs)."""
     out: dict[str, list[int]] = {}
-    with open(os.path.join(eval_dir, "mini_vstar", "items.jsonl")) as f:
-        for line in f:
-            row = json.loads(line)
-            if row["order"] != order or not row["zoom_needed"]:
-                continue
-            m = re.search(r"the (\w+) frame", row["question"])
-            if m is None:
-                raise ValueError(f"item {row['id']}: no frame named in {row['question']!r}; aim_by_frame "
-                                 "reads Mini-V* attribute items")
-            ious = [c["iou"] for c in row["tool_calls"] if c["status"] == "ok" and "iou" in c]
-            n = out.setdefault(m.group(1), [0, 0])
-            n[0] += int(bool(ious) and ious[0] >= 0.5)
-            n[1] += 1
+    for row in _eval_rows(eval_dir, order):
+        if not row["zoom_needed"]:
+            continue
+        m = re.search(r"the (\w+) frame", row["question"])
+        if m is None:
+            raise ValueError(f"item {row['id']}: no frame named in {row['question']!r}; aim_by_frame "
+                             "reads Mini-V* attribute items")
+        ious = [c["iou"] for c in row["tool_calls"] if c["status"] == "ok" and "iou" in c]
+        n = out.setdefault(m.group(1), [0, 0])
+        n[0] += int(bool(ious) and ious[0] >= 0.5)
+        n[1] += 1
     return dict(sorted(out.items(), key=lambda kv: (-kv[1][0] / kv[1][1], kv[0])))
 
 
@@ -203,20 +211,16 @@ def zoom_by_kind(eval_dir: str, order: str = "shuffled") -> dict[str, list[int]]
     zoom-free ones by kind (`zoom_free/attribute`, `/relative`, `/border`: the picture's border,
     `SyntheticConfig.border_frac`). Selective use shows here: a zoom can only lose a border item."""
     out: dict[str, list[int]] = {}
-    with open(os.path.join(eval_dir, "mini_vstar", "items.jsonl")) as f:
-        for line in f:
-            row = json.loads(line)
-            if row["order"] != order:
-                continue
-            if row["zoom_needed"]:
-                kind = "zoom_needed"
-            elif sv.BORDER_TARGET in row["question"]:
-                kind = "zoom_free/border"
-            else:
-                kind = "zoom_free/" + ("relative" if row["category"] == "relative_position" else "attribute")
-            n = out.setdefault(kind, [0, 0])
-            n[0] += int(any(c["status"] == "ok" for c in row["tool_calls"]))
-            n[1] += 1
+    for row in _eval_rows(eval_dir, order):
+        if row["zoom_needed"]:
+            kind = "zoom_needed"
+        elif sv.BORDER_TARGET in row["question"]:
+            kind = "zoom_free/border"
+        else:
+            kind = "zoom_free/" + ("relative" if row["category"] == "relative_position" else "attribute")
+        n = out.setdefault(kind, [0, 0])
+        n[0] += int(any(c["status"] == "ok" for c in row["tool_calls"]))
+        n[1] += 1
     return dict(sorted(out.items()))
 
 
@@ -274,8 +278,8 @@ def summarize(start: dict[str, Any], end: dict[str, Any], seconds: dict[str, flo
                                                prior["asked_most_likely"])]
     if reading:
         read = [f"{reading[k]:.3f} of {reading['items_' + k]:.0f} {k} items "
-                 f"(chance {reading['chance_' + k]:.3f})" for k in ("attribute", "relative", "border")
-                 if reading.get("items_" + k)]  # a kind without items (a small run) is left out
+                f"(chance {reading['chance_' + k]:.3f})" for k in ("attribute", "relative", "border")
+                if reading.get("items_" + k)]  # a kind without items (a small run) is left out
         lines += ["", "Its answers to zoom-free training items without zooming, teacher-forced over the "
                   "options (`format_stage.full_view_reading`): right on " + ", ".join(read) + "."]
     if aim:
@@ -283,9 +287,9 @@ def summarize(start: dict[str, Any], end: dict[str, Any], seconds: dict[str, flo
                   "the question names (`run.aim_by_frame`): start " + _aim_text(aim[0]) + "; end "
                   + _aim_text(aim[1]) + "."]
     if kinds:
+        first, last = kinds
         lines += ["", "Held-out items zoomed, greedy, by kind (`run.zoom_by_kind`): " + "; ".join(
-            f"{k} {a}/{n} -> {kinds[1].get(k, [0, 0])[0]}/{kinds[1].get(k, [0, 0])[1]}"
-            for k, (a, n) in kinds[0].items()) + "."]
+            "{} {}/{} -> {}/{}".format(k, *first[k], *last.get(k, [0, 0])) for k in first) + "."]
     if quarters:
         lines += ["", "Zoom rate of the GRPO training batches (sampled) by quarter of the steps "
                   "(`run.zoom_by_quarter`): " + "; ".join(
